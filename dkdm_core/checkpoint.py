@@ -1,0 +1,239 @@
+"""Model folders and training checkpoints. Nothing here unpickles arbitrary objects.
+
+A *model folder* is what ``dkdm sample --model`` reads and what a teacher path points to:
+
+* ``config.json``: the :class:`ModelCard` (architecture, diffusion, data, provenance, metrics);
+* ``model.safetensors``: the weights (the EMA weights for trained models).
+
+A diffusers ``DDPMPipeline`` folder (``model_index.json``, ``unet/``, ``scheduler/``) loads too, and a
+UNet exports to one. Training checkpoints (``step_XXXXXXXX/``) add ``train_state.pt``: optimiser,
+EMA, generators and pool snapshot, a dict of tensors and numbers read back with
+``torch.load(weights_only=True)``. Every folder is written under a temporary name and renamed into
+place, so a crash mid-save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dkdm_core.models import build_model
+from dkdm_core.models.unet import UNet
+from dkdm_core.spec import DiffusionSpec
+
+FORMAT = "dkdm-model/1"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TRAIN_STATE_FILE = "train_state.pt"
+DIFFUSERS_ARCH = "diffusers-unet2d"
+
+
+class ModelCard(BaseModel):
+    """What a model folder holds: enough to rebuild the network and its diffusion."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: str = FORMAT
+    arch: str  # a registry name, or DIFFUSERS_ARCH for an imported diffusers UNet
+    channels: int
+    image_size: int
+    learn_sigma: bool
+    diffusion: DiffusionSpec
+    data: str | None = None  # the dataset the samples should resemble, e.g. "digits"
+    info: dict[str, Any] = Field(default_factory=dict)  # provenance: command, steps, metrics
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        if self.arch.startswith("mlp"):
+            return (self.channels,)
+        return (self.channels, self.image_size, self.image_size)
+
+
+class CheckpointError(ValueError):
+    """A model folder or checkpoint that cannot be read; the message names the file."""
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def save_model(directory: str | Path, model: nn.Module, card: ModelCard) -> Path:
+    """Write config.json and model.safetensors into ``directory`` (files replaced atomically)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp_weights = out / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp_weights))
+    os.replace(tmp_weights, out / WEIGHTS_FILE)
+    tmp_config = out / (CONFIG_FILE + ".tmp")
+    tmp_config.write_text(card.model_dump_json(indent=2))
+    os.replace(tmp_config, out / CONFIG_FILE)
+    return out
+
+
+def read_card(directory: str | Path) -> ModelCard:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a model folder: {CONFIG_FILE} is missing")
+    try:
+        return ModelCard.model_validate_json(path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{path} is not a valid dkdm model config: {exc}") from exc
+
+
+def build_from_card(card: ModelCard) -> nn.Module:
+    return build_model(card.arch, card.channels, card.image_size, card.learn_sigma)
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
+    """A model in eval mode and its card, from a dkdm model folder or a diffusers pipeline folder."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise CheckpointError(f"model folder not found: {path}")
+    if (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file():
+        return import_diffusers(path, device)
+    card = read_card(path)
+    model = build_from_card(card)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{path} has no {WEIGHTS_FILE}")
+    load_weights(model, load_file(str(weights)), str(weights))
+    return model.to(device).eval(), card
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict with a one-line error naming the file when shapes or names disagree."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{source} does not fit the model in its config: {first}") from exc
+
+
+# diffusers interop ---------------------------------------------------------------------------------
+
+_SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear"}
+
+
+def export_diffusers(model: nn.Module, card: ModelCard, directory: str | Path) -> Path:
+    """Write a diffusers DDPMPipeline folder (UNet models only): loadable by ``DDPMPipeline``."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    if not isinstance(model, UNet):
+        raise CheckpointError(f"only UNet models export to diffusers format, not {card.arch}")
+    t = card.diffusion.num_timesteps
+    scheduler = DDPMScheduler(
+        num_train_timesteps=t,
+        beta_schedule=_SCHEDULES[card.diffusion.schedule],
+        beta_start=1e-4 * 1000 / t,
+        beta_end=0.02 * 1000 / t,
+        variance_type="learned_range" if card.learn_sigma else "fixed_small",
+        clip_sample=True,
+    )
+    out = Path(directory)
+    DDPMPipeline(unet=model.net, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
+    (out / "dkdm_card.json").write_text(card.model_dump_json(indent=2))
+    return out
+
+
+def import_diffusers(directory: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
+    """A diffusers UNet2DModel + DDPMScheduler folder as a dkdm model (safetensors weights only)."""
+    from diffusers import UNet2DModel
+
+    unet_dir = directory / "unet" if (directory / "unet").is_dir() else directory
+    sched_path = directory / "scheduler" / "scheduler_config.json"
+    if not sched_path.is_file():
+        raise CheckpointError(f"{directory} has no scheduler/scheduler_config.json")
+    sched = json.loads(sched_path.read_text())
+    schedule = {v: k for k, v in _SCHEDULES.items()}.get(sched.get("beta_schedule", "linear"))
+    if schedule is None:
+        raise CheckpointError(f"{sched_path}: beta_schedule {sched.get('beta_schedule')!r} is not supported")
+    t = int(sched.get("num_train_timesteps", 1000))
+    if schedule == "linear" and (
+        abs(sched.get("beta_start", 1e-4) - 1e-4 * 1000 / t) > 1e-9 or abs(sched.get("beta_end", 0.02) - 0.02 * 1000 / t) > 1e-9
+    ):
+        raise CheckpointError(f"{sched_path}: only the standard linear schedule (1e-4..0.02 at T=1000) is supported")
+    variance = sched.get("variance_type", "fixed_small")
+    if variance not in ("learned_range", "fixed_small"):
+        raise CheckpointError(f"{sched_path}: variance_type {variance!r} is not supported")
+    if sched.get("prediction_type", "epsilon") != "epsilon":
+        raise CheckpointError(f"{sched_path}: only epsilon-prediction models are supported")
+    if not any(unet_dir.glob("*.safetensors")):
+        raise CheckpointError(f"{unet_dir} has no .safetensors weights (pickled .bin files are not loaded)")
+    net = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=True, local_files_only=True)
+    learn_sigma = variance == "learned_range"
+    if net.config.out_channels != net.config.in_channels * (2 if learn_sigma else 1):
+        raise CheckpointError(f"{unet_dir}: out_channels does not match variance_type {variance!r}")
+    model = UNet.wrap(net)
+    card = ModelCard(
+        arch=DIFFUSERS_ARCH,
+        channels=net.config.in_channels,
+        image_size=int(net.config.sample_size),
+        learn_sigma=learn_sigma,
+        diffusion=DiffusionSpec(schedule=schedule, num_timesteps=t),
+        info={"imported_from": str(directory)},
+    )
+    return model.to(device).eval(), card
+
+
+# training checkpoints ------------------------------------------------------------------------------
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first (a folder counts once its state is written)."""
+    base = Path(root)
+    if not base.is_dir():
+        return []
+    found = [p for p in base.glob("step_*") if p.is_dir() and (p / TRAIN_STATE_FILE).is_file() and not p.name.endswith((".tmp", ".old"))]
+    return sorted(found)
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model: nn.Module,
+    card: ModelCard,
+    train_state: dict[str, Any],
+    keep: int = 3,
+) -> Path:
+    """Write ``root/step_XXXXXXXX`` atomically: model folder + train_state.pt; prune to ``keep``."""
+    base = Path(root)
+    base.mkdir(parents=True, exist_ok=True)
+    final = base / checkpoint_name(step)
+    tmp = base / (checkpoint_name(step) + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(tmp, model, card)
+    torch.save(train_state, tmp / TRAIN_STATE_FILE)
+    _replace_dir(tmp, final)
+    for old in list_checkpoints(base)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_train_state(checkpoint: str | Path) -> dict[str, Any]:
+    path = Path(checkpoint) / TRAIN_STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{checkpoint} has no {TRAIN_STATE_FILE}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt or foreign file: report it, never unpickle it unsafely
+        raise CheckpointError(f"{path} could not be read as a dkdm training state: {exc}") from exc

@@ -1,0 +1,67 @@
+"""UNet denoisers (Ho et al.; improved-diffusion's layout) built on diffusers' ``UNet2DModel``.
+
+Using diffusers' class means a UNet exports to, and imports from, a diffusers ``DDPMPipeline``
+folder without weight conversion (``dkdm_core.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DModel
+from torch import nn
+
+
+class UNet(nn.Module):
+    """ε (and v, with learned variance) from (x_t, t): (B, C, H, W), (B,) -> (B, k·C, H, W)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        learn_sigma: bool,
+        block_out_channels: tuple[int, ...],
+        attention_levels: tuple[bool, ...],
+        layers_per_block: int = 2,
+        norm_num_groups: int = 8,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(block_out_channels) != len(attention_levels):
+            raise ValueError("one attention flag per resolution level")
+        down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels)
+        up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels))
+        self.net = UNet2DModel(
+            sample_size=image_size,
+            in_channels=in_channels,
+            out_channels=in_channels * (2 if learn_sigma else 1),
+            block_out_channels=block_out_channels,
+            down_block_types=down,
+            up_block_types=up,
+            layers_per_block=layers_per_block,
+            norm_num_groups=norm_num_groups,
+            attention_head_dim=None,
+            dropout=dropout,
+        )
+
+    @classmethod
+    def wrap(cls, net: UNet2DModel) -> UNet:
+        """Adopt an existing diffusers UNet (e.g. one loaded from a pipeline folder)."""
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model.net = net
+        return model
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(x_t, t).sample  # (B, k·C, H, W)
+
+
+def unet_tiny(in_channels: int, image_size: int, learn_sigma: bool) -> UNet:
+    return UNet(in_channels, image_size, learn_sigma, (16, 32, 32), (False, True, False), layers_per_block=1)
+
+
+def unet_small(in_channels: int, image_size: int, learn_sigma: bool) -> UNet:
+    return UNet(in_channels, image_size, learn_sigma, (32, 64, 64), (False, True, True), layers_per_block=1)
+
+
+def unet_base(in_channels: int, image_size: int, learn_sigma: bool) -> UNet:
+    return UNet(in_channels, image_size, learn_sigma, (64, 128, 128), (False, True, True), layers_per_block=2)

@@ -1,0 +1,150 @@
+"""The knowledge pool of dynamic iterative distillation (DKDM paper Sec. 3.3, Fig. 3, Algorithm 1).
+
+A pool holds noisy samples ``x̂^t`` and their timestep index ``t`` on a *chain*: the diffusion whose
+steps the teacher takes. The chain is the teacher's full T steps or a respaced K-step subset (the
+pool only knows its length). A student step leases a subset, the teacher denoises it one step, and
+the denoised samples replace their counterparts; a sample denoised past ``t = 0`` has finished its
+trajectory and restarts from fresh noise at ``t = T-1``.
+
+Strategies (the paper's ablation, Fig. 4a):
+
+* ``iterative``: ``b`` samples, all starting from noise; every step advances the whole batch.
+* ``shuffled``: as iterative, but shuffle denoise first spreads ``t`` uniformly over the chain.
+* ``dynamic``: ``ρ·T·b`` samples after shuffle denoise; every step takes a random subset of ``b``.
+
+All randomness comes from the pool's own ``torch.Generator`` so a seeded pool is reproducible and a
+snapshot (``state_dict``) continues exactly where it stopped. Leases make the pool safe to share:
+a leased sample cannot be handed out again until it is put back (advanced) or released (not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Strategy = Literal["iterative", "shuffled", "dynamic"]
+# (x_t (B, ...), t (B,)) -> x_{t-1} (B, ...): one no-grad teacher step on the chain.
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def pool_size(strategy: Strategy, batch_size: int, chain_length: int, rho: float) -> int:
+    """|B^+| = ρ·T·b for the dynamic strategy (never below one batch), b otherwise."""
+    if strategy == "dynamic":
+        return max(batch_size, round(rho * chain_length * batch_size))
+    return batch_size
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Samples handed out for one teacher step: their pool ids, x̂_t and t."""
+
+    ids: torch.Tensor  # (b,) long
+    x_t: torch.Tensor  # (b, C, H, W)
+    t: torch.Tensor  # (b,) long
+
+
+class NoisePool:
+    """A fixed-size set of noisy samples moving down the chain, with leases."""
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        size: int,
+        sample_shape: tuple[int, ...],
+        chain_length: int,
+        generator: torch.Generator,
+    ) -> None:
+        if size < 1 or chain_length < 1:
+            raise ValueError("pool size and chain length must be positive")
+        self.strategy: Strategy = strategy
+        self.chain_length = chain_length
+        self.sample_shape = tuple(sample_shape)
+        self.generator = generator
+        self.x = torch.randn((size, *self.sample_shape), generator=generator)  # (N, C, H, W)
+        self.t = torch.full((size,), chain_length - 1, dtype=torch.long)  # (N,)
+        self.leased = torch.zeros(size, dtype=torch.bool)  # (N,)
+        self.finished = 0  # trajectories that reached t = 0 and restarted
+
+    @property
+    def size(self) -> int:
+        return self.x.shape[0]
+
+    # Initialisation ---------------------------------------------------------------------------
+
+    def shuffle_denoise(self, denoise: DenoiseFn, batch_size: int) -> int:
+        """Denoise each sample a uniformly random number of steps so t ~ U{0, ..., T-1}.
+
+        Costs about T/2 teacher evaluations per sample; returns the number spent.
+        """
+        targets = torch.randint(0, self.chain_length, (self.size,), generator=self.generator)
+        evaluations = 0
+        while True:
+            active = torch.nonzero(self.t > targets).squeeze(1)
+            if active.numel() == 0:
+                return evaluations
+            for ids in active.split(batch_size):
+                self.x[ids] = denoise(self.x[ids], self.t[ids])
+                self.t[ids] -= 1
+                evaluations += ids.numel()
+
+    # One distillation step ----------------------------------------------------------------------
+
+    def take(self, batch_size: int) -> Lease:
+        """Lease ``batch_size`` samples: a random subset (dynamic) or the whole batch in order."""
+        free = torch.nonzero(~self.leased).squeeze(1)
+        if free.numel() < batch_size:
+            raise RuntimeError(f"pool has {free.numel()} free samples, {batch_size} requested")
+        if self.strategy == "dynamic":
+            ids = free[torch.randperm(free.numel(), generator=self.generator)[:batch_size]]
+        else:
+            ids = free[:batch_size]
+        self.leased[ids] = True
+        return Lease(ids=ids, x_t=self.x[ids].clone(), t=self.t[ids].clone())
+
+    def put(self, ids: torch.Tensor, x_prev: torch.Tensor) -> None:
+        """Replace leased samples by their one-step-denoised versions; finished ones restart at T."""
+        if not bool(self.leased[ids].all()):
+            raise ValueError("put() of samples that are not leased: each lease is returned once")
+        if x_prev.shape != (ids.numel(), *self.sample_shape):
+            raise ValueError(f"put() got shape {tuple(x_prev.shape)} for {ids.numel()} samples")
+        self.x[ids] = x_prev.to(self.x.dtype)
+        self.t[ids] -= 1
+        self.leased[ids] = False
+        done = ids[self.t[ids] < 0]
+        if done.numel():
+            self.x[done] = torch.randn((done.numel(), *self.sample_shape), generator=self.generator)
+            self.t[done] = self.chain_length - 1
+            self.finished += done.numel()
+
+    def release(self, ids: torch.Tensor) -> None:
+        """Give leased samples back unchanged (their lease expired before the teacher's answer)."""
+        self.leased[ids] = False
+
+    # Introspection and snapshots -----------------------------------------------------------------
+
+    def t_histogram(self, bins: int = 10) -> list[int]:
+        """Counts of samples per equal-width band of chain indices, low t first."""
+        edges = torch.div(self.t * bins, self.chain_length, rounding_mode="floor")
+        return torch.bincount(edges, minlength=bins).tolist()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything needed to continue exactly here; outstanding leases are returned unadvanced."""
+        return {
+            "x": self.x.clone(),
+            "t": self.t.clone(),
+            "finished": torch.tensor(self.finished),
+            "chain_length": torch.tensor(self.chain_length),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if int(state["chain_length"]) != self.chain_length or tuple(state["x"].shape[1:]) != self.sample_shape:
+            raise ValueError("pool snapshot does not match this pool's chain length or sample shape")
+        self.x = state["x"].clone()
+        self.t = state["t"].clone()
+        self.leased = torch.zeros(self.x.shape[0], dtype=torch.bool)
+        self.finished = int(state["finished"])
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,151 @@
+"""Typed, validated descriptions of jobs: one schema for the CLI, the REST API and ``ray job submit``.
+
+Defaults live here and nowhere else; each field says why it has the default it has.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from dkdm_core.data import DatasetName
+from dkdm_core.diffusion import Sampler, Schedule
+from dkdm_core.models import MODELS, VECTOR_MODELS
+from dkdm_core.objective import ObjectiveMode
+from dkdm_core.pool import Strategy
+
+Engine = Literal["local", "ray"]
+Method = Literal["dkdm"]
+
+
+def _known_arch(arch: str) -> str:
+    if arch not in MODELS:
+        raise ValueError(f"unknown model {arch!r}; choose one of {', '.join(sorted(MODELS))}")
+    return arch
+
+
+ArchName = Annotated[str, AfterValidator(_known_arch)]
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo in a config must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    """An architecture from the registry and the data it models."""
+
+    arch: ArchName = "unet-small"
+    channels: int = Field(1, ge=1, le=64)  # 1 for the grey digits
+    image_size: int = Field(8, ge=1, le=1024)  # digits are 8x8; ignored by vector models
+    learn_sigma: bool = True  # learned-range variance (Eq. 12), needed for the L_vlb terms
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        if self.arch in VECTOR_MODELS:
+            return (self.channels,)
+        return (self.channels, self.image_size, self.image_size)
+
+
+class StudentSpec(_Strict):
+    """The student's architecture; its data shape and variance type come from the teacher."""
+
+    arch: ArchName = "unet-tiny"  # ~4x fewer parameters than the bundled unet-small teacher
+
+
+class DiffusionSpec(_Strict):
+    schedule: Schedule = "cosine"  # improved-diffusion's choice for small images
+    num_timesteps: int = Field(1000, ge=2, le=10000)  # the paper's T
+
+
+class OptimSpec(_Strict):
+    lr: float = Field(5e-4, gt=0, le=1.0)  # AdamW; small models on 8x8 tolerate a high rate
+    batch_size: int = Field(128, ge=1, le=65536)  # the paper's b
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)  # samples are drawn from the EMA weights
+    grad_clip: float = Field(1.0, gt=0)  # clip the global grad norm; the vlb term spikes early on
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(200, ge=0)  # linear lr warm-up
+
+
+class RunSpec(_Strict):
+    """How often a training run logs, checkpoints, draws a sample grid and evaluates."""
+
+    log_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    sample_every: int = Field(1000, ge=1)
+    eval_every: int = Field(0, ge=0)  # 0: evaluate only at the end
+    eval_samples: int = Field(1000, ge=16)  # generated images per Fréchet distance
+    sample_steps: int = Field(50, ge=1, le=10000)  # the paper's 50 IDDPM steps in pixel space
+    sampler: Sampler = "iddpm"
+    threads: int = Field(0, ge=0)  # torch CPU threads; 0 leaves torch's default
+
+
+class PoolSpec(_Strict):
+    strategy: Strategy = "dynamic"  # the paper's best variant (Fig. 4a)
+    rho: float = Field(0.4, gt=0, le=10)  # |B+| = ρ·T·b; the paper uses 0.4
+    # The chain the teacher advances the pool along: None is the teacher's full T steps, K a respaced
+    # K-step chain. Shuffle denoise costs ~ρ·K²·b/2 teacher evaluations, so the full chain (K = T =
+    # 1000) takes hours on a CPU; a 100-step chain keeps the demo to minutes.
+    chain_steps: int | None = Field(100, ge=2)
+
+
+class TeacherTrainSpec(_Strict):
+    """Data-based training with L_hybrid (Eq. 13): how the bundled teacher is made."""
+
+    data: DatasetName = "digits"
+    model: ModelSpec = ModelSpec()
+    diffusion: DiffusionSpec = DiffusionSpec()
+    optim: OptimSpec = OptimSpec()
+    vlb_weight: float = Field(0.001, ge=0)  # λ of Eq. (13), improved-diffusion's value
+    steps: int = Field(10000, ge=1)
+    seed: int = 0
+    out: str = "runs/teacher"
+    run: RunSpec = RunSpec()
+
+
+class DistillSpec(_Strict):
+    """A distillation job (the JobSpec): teacher, student, method, pool, optimiser, budget."""
+
+    teacher: str = "assets/teachers/digits"  # a dkdm model dir or a diffusers DDPMPipeline dir
+    student: StudentSpec = StudentSpec()
+    method: Method = "dkdm"
+    objective: ObjectiveMode = "dkdm"  # "simple" for ε-only teachers and latent space
+    vlb_weight: float = Field(0.001, ge=0)  # λ of Eq. (19)
+    pool: PoolSpec = PoolSpec()
+    optim: OptimSpec = OptimSpec()
+    teacher_batch_size: int = Field(512, ge=1)  # chunk size of shuffle denoise's teacher calls
+    steps: int = Field(2000, ge=1)  # student optimiser steps
+    seed: int = 0
+    engine: Engine = "local"
+    out: str = "runs/digits-dkdm"
+    run: RunSpec = RunSpec()
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a file, with a one-line error for the usual mistakes."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{p} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{p} must hold a mapping of settings, not a {type(data).__name__}")
+    return data
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Override ``a.b.c`` in a nested mapping (CLI ``--set a.b.c=value``)."""
+    *parents, leaf = dotted.split(".")
+    node = data
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"cannot set {dotted}: {key} is not a section")
+    node[leaf] = value

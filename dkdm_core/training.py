@@ -1,0 +1,218 @@
+"""Training step objects: data-based training (Eq. 13) and DKDM distillation (Algorithm 1).
+
+Each is a small loop object with ``step()``, ``state_dict()`` and ``load_state_dict()``; drivers in
+``services/`` own the loop, the I/O and the progress display. Randomness is explicit: the pool
+draws from its own generator (which samples to take, restart noise) and the teacher from another
+(the noise of its ancestral step), so the distributed engine can reproduce this one step for step.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dkdm_core.diffusion import GaussianDiffusion
+from dkdm_core.objective import LossTerms, ObjectiveMode, dkdm_loss, hybrid_loss
+from dkdm_core.pool import Lease, NoisePool
+from dkdm_core.spec import OptimSpec
+
+
+class EMA:
+    """An exponential moving average of a model's weights; samples are drawn from it."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
+            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+        for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            ema_b.copy_(b)
+
+
+class Trainer:
+    """Optimiser, warm-up, gradient clipping and EMA around one model; subclasses define ``step``."""
+
+    def __init__(self, model: nn.Module, optim: OptimSpec, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).train()
+        self.optim = optim
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+        warmup = max(optim.warmup_steps, 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.ema = EMA(self.model, optim.ema_decay)
+        self.steps_done = 0
+
+    def optimizer_step(self, terms: LossTerms) -> dict[str, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        terms.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.ema.update(self.model)
+        self.steps_done += 1
+        return {**terms.as_floats(), "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "steps_done": self.steps_done,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.model.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.steps_done = int(state["steps_done"])
+
+
+class DataTrainer(Trainer):
+    """Standard data-based training with L_hybrid (Fig. 2a): how teachers and baselines are trained."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        diffusion: GaussianDiffusion,
+        data: torch.Tensor,
+        optim: OptimSpec,
+        generator: torch.Generator,
+        vlb_weight: float = 0.001,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__(model, optim, device)
+        self.diffusion = diffusion
+        self.data = data
+        self.generator = generator
+        self.vlb_weight = vlb_weight
+
+    def step(self) -> dict[str, float]:
+        b = self.optim.batch_size
+        idx = torch.randint(0, self.data.shape[0], (b,), generator=self.generator)
+        t = torch.randint(0, self.diffusion.num_timesteps, (b,), generator=self.generator)
+        noise = torch.randn((b, *self.data.shape[1:]), generator=self.generator)
+        x_start, t, noise = self.data[idx].to(self.device), t.to(self.device), noise.to(self.device)
+        x_t = self.diffusion.q_sample(x_start, t, noise)  # (B, C, H, W)
+        out = self.diffusion.run_model(self.model, x_t, t)
+        return self.optimizer_step(hybrid_loss(self.diffusion, out, x_start, x_t, t, noise, self.vlb_weight))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.generator.set_state(state["generator"])
+
+
+@dataclass(frozen=True)
+class KnowledgeBatch:
+    """What one teacher call yields: the student's inputs, its targets and the denoised samples."""
+
+    x_t: torch.Tensor  # (b, C, H, W)
+    t: torch.Tensor  # (b,) chain indices
+    teacher_output: torch.Tensor  # (b, k·C, H, W): ε_T (and v_T)
+    x_prev: torch.Tensor  # (b, C, H, W): the teacher's one-step-denoised samples
+
+
+@torch.no_grad()
+def teacher_step(
+    teacher: nn.Module,
+    chain: GaussianDiffusion,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+) -> KnowledgeBatch:
+    """One no-grad teacher call on the chain: outputs for the student, x̂_{t-1} for the pool.
+
+    The noise is drawn on the CPU from ``generator`` so results do not depend on the device.
+    """
+    noise = torch.randn(x_t.shape, generator=generator).to(device)
+    x_dev, t_dev = x_t.to(device), t.to(device)
+    out = chain.run_model(teacher, x_dev, t_dev)
+    x_prev = chain.p_sample_step(out, x_dev, t_dev, noise)
+    return KnowledgeBatch(x_t=x_dev, t=t_dev, teacher_output=out, x_prev=x_prev)
+
+
+def student_loss(
+    student: nn.Module,
+    chain: GaussianDiffusion,
+    batch: KnowledgeBatch,
+    vlb_weight: float,
+    mode: ObjectiveMode,
+) -> LossTerms:
+    """L*_DKDM (Eq. 19) of the student on one knowledge batch."""
+    out = chain.run_model(student, batch.x_t, batch.t)
+    return dkdm_loss(chain, out, batch.teacher_output, batch.x_t, batch.t, vlb_weight, mode)
+
+
+class Distiller(Trainer):
+    """Algorithm 1 in one process: take a subset, one teacher step, learn from it, put it back."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        chain: GaussianDiffusion,
+        pool: NoisePool,
+        optim: OptimSpec,
+        teacher_generator: torch.Generator,
+        vlb_weight: float = 0.001,
+        mode: ObjectiveMode = "dkdm",
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__(student, optim, device)
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        self.chain = chain
+        self.pool = pool
+        self.teacher_generator = teacher_generator
+        self.vlb_weight = vlb_weight
+        self.mode: ObjectiveMode = mode
+        self.teacher_calls = 0  # sample-evaluations, shuffle denoise included
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The pool's DenoiseFn: one teacher step, back on the CPU."""
+        self.teacher_calls += x_t.shape[0]
+        return teacher_step(self.teacher, self.chain, x_t, t, self.teacher_generator, self.device).x_prev.cpu()
+
+    def init_pool(self, teacher_batch_size: int) -> int:
+        """Shuffle denoise for the shuffled and dynamic strategies; returns teacher evaluations."""
+        if self.pool.strategy == "iterative":
+            return 0
+        return self.pool.shuffle_denoise(self.denoise, teacher_batch_size)
+
+    def teach(self, lease: Lease) -> KnowledgeBatch:
+        self.teacher_calls += lease.ids.numel()
+        return teacher_step(self.teacher, self.chain, lease.x_t, lease.t, self.teacher_generator, self.device)
+
+    def step(self) -> dict[str, float]:
+        # 1. Algorithm 1 line 4: a random subset of the pool.
+        lease = self.pool.take(self.optim.batch_size)
+        # 2. One teacher step gives the targets and the denoised replacements (line 8).
+        batch = self.teach(lease)
+        self.pool.put(lease.ids, batch.x_prev.cpu())
+        # 3. Lines 5-7: L*_DKDM and a gradient step.
+        return self.optimizer_step(student_loss(self.model, self.chain, batch, self.vlb_weight, self.mode))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "pool": self.pool.state_dict(),
+            "teacher_generator": self.teacher_generator.get_state(),
+            "teacher_calls": self.teacher_calls,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.pool.load_state_dict(state["pool"])
+        self.teacher_generator.set_state(state["teacher_generator"])
+        self.teacher_calls = int(state["teacher_calls"])

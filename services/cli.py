@@ -1,0 +1,239 @@
+"""The ``dkdm`` command: teacher train | distill | sample | eval | export | classifier train.
+
+Errors a user can cause (missing files, bad configs, wrong shapes, unknown names) end in one line
+``dkdm: error: ...`` and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from dkdm_core.checkpoint import CheckpointError, export_diffusers, load_model
+from dkdm_core.data import from_uint8_nhwc, to_uint8_nhwc
+from dkdm_core.sampling import generate, sampling_diffusion
+from dkdm_core.spec import DistillSpec, TeacherTrainSpec, load_yaml, set_dotted
+
+log = logging.getLogger("dkdm")
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for; reported in one line."""
+
+
+def _format_validation(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        parts.append(f"{where}: {err['msg']}")
+    return "invalid config: " + "; ".join(parts)
+
+
+def _load_spec(cls: type[BaseModel], args: argparse.Namespace) -> Any:
+    data = load_yaml(args.config) if args.config else {}
+    for item in args.set or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
+        set_dotted(data, key, yaml.safe_load(raw))
+    for key in ("steps", "out", "engine"):
+        value = getattr(args, key, None)
+        if value is not None:
+            data[key] = value
+    return cls.model_validate(data)
+
+
+def _print_result(kind: str, result: Any) -> None:
+    print(f"{kind} finished: {result.steps} steps in {result.out}")
+    print(f"  model:    {result.out}/model.safetensors (+ config.json)")
+    if result.grid:
+        print(f"  samples:  {result.grid}")
+    print(f"  metrics:  {result.out}/metrics.json")
+    shown = {k: round(v, 4) for k, v in result.metrics.items() if k in ("digits_fd", "digits_is", "train_seconds")}
+    print(f"  {json.dumps(shown)}")
+
+
+def cmd_teacher_train(args: argparse.Namespace) -> None:
+    from services.local_engine import train_teacher
+
+    spec = _load_spec(TeacherTrainSpec, args)
+    _print_result("teacher training", train_teacher(spec, progress=not args.quiet))
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    spec = _load_spec(DistillSpec, args)
+    if spec.engine == "ray":
+        raise UsageError("the ray engine is not part of this build yet; use --engine local")
+    from services.local_engine import distill_local
+
+    _print_result("distillation", distill_local(spec, progress=not args.quiet))
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    if args.num < 1:
+        raise UsageError("--num must be at least 1")
+    if not args.out.endswith(".npz"):
+        raise UsageError("--out must name a .npz file")
+    model, card = load_model(args.model)
+    diffusion = sampling_diffusion(card.diffusion, card.learn_sigma, args.steps, args.sampler)
+    samples = generate(model, diffusion, card.sample_shape, args.num, args.seed, args.sampler, args.batch_size)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if samples.ndim == 4:
+        np.savez(out, arr_0=to_uint8_nhwc(samples))
+    else:
+        np.savez(out, arr_0=samples.numpy())
+    print(f"wrote {args.num} samples to {out}")
+    if args.grid:
+        from services.images import save_grid
+
+        if samples.ndim != 4:
+            raise UsageError("--grid needs image samples")
+        print(f"wrote grid to {save_grid(samples[:100], args.grid)}")
+
+
+def _read_npz_images(path: str) -> torch.Tensor:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"samples file not found: {p}")
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            if "arr_0" not in data:
+                raise UsageError(f"{p} has no arr_0 array")
+            arr = data["arr_0"]
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"{p} is not a readable .npz file: {exc}") from exc
+    images = from_uint8_nhwc(arr)
+    if tuple(images.shape[1:]) != (1, 8, 8):
+        raise UsageError(f"{p}: digits metrics need 8x8 grey images (N, 8, 8, 1), got {arr.shape}")
+    return images
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from services.evaluation import digits_evaluator
+
+    if bool(args.samples) == bool(args.model):
+        raise UsageError("give exactly one of --samples FILE.npz or --model DIR")
+    if args.samples:
+        images = _read_npz_images(args.samples)
+        metrics: dict[str, float] = {}
+    else:
+        model, card = load_model(args.model)
+        if card.sample_shape != (1, 8, 8):
+            raise UsageError(f"digits metrics need a model of 8x8 grey images, got shape {card.sample_shape}")
+        diffusion = sampling_diffusion(card.diffusion, card.learn_sigma, args.steps, args.sampler)
+        images = generate(model, diffusion, card.sample_shape, args.num, args.seed, args.sampler)
+        metrics = {"sample_steps": float(args.steps)}
+    metrics.update(digits_evaluator().evaluate(images))
+    if args.inception:
+        from services.inception import inception_fid
+
+        metrics["inception_fid"] = inception_fid(images, args.inception)
+    text = json.dumps(metrics, indent=2)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    model, card = load_model(args.model)
+    out = export_diffusers(model, card, args.out)
+    print(f"exported a diffusers DDPMPipeline to {out}")
+
+
+def cmd_classifier_train(args: argparse.Namespace) -> None:
+    from services.evaluation import CLASSIFIER_DIR, train_and_save_classifier
+
+    out = Path(args.out) if args.out else CLASSIFIER_DIR
+    info = train_and_save_classifier(out, seed=args.seed, epochs=args.epochs)
+    print(f"classifier saved to {out}: {json.dumps(info)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dkdm", description="Data-free distillation of diffusion models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="YAML job spec")
+        p.add_argument("--steps", type=int, help="override the number of optimiser steps")
+        p.add_argument("--out", help="output folder (resumes from its checkpoints if present)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec field, e.g. pool.rho=1.0")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    teacher = sub.add_parser("teacher", help="teacher models").add_subparsers(dest="teacher_command", required=True)
+    p = teacher.add_parser("train", help="train a teacher on a bundled dataset with L_hybrid")
+    config_args(p)
+    p.set_defaults(func=cmd_teacher_train)
+
+    p = sub.add_parser("distill", help="distill a student from a teacher without data (DKDM)")
+    config_args(p)
+    p.add_argument("--engine", choices=["local", "ray"], help="override the engine")
+    p.set_defaults(func=cmd_distill)
+
+    def sampling_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+        p.add_argument("--sampler", choices=["iddpm", "ddim"], default="iddpm", help="default: iddpm")
+        p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("sample", help="draw samples from a model folder into an .npz (uint8 NHWC, arr_0)")
+    p.add_argument("--model", required=True, help="model folder (dkdm or diffusers format)")
+    p.add_argument("--num", type=int, required=True, help="number of samples")
+    p.add_argument("--out", required=True, help="output .npz file")
+    p.add_argument("--grid", help="also write a PNG grid of the first 100")
+    p.add_argument("--batch-size", type=int, default=256)
+    sampling_args(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="digits Fréchet distance and IS analogue of samples or a model")
+    p.add_argument("--samples", help=".npz of uint8 NHWC images (arr_0)")
+    p.add_argument("--model", help="model folder to sample from")
+    p.add_argument("--num", type=int, default=1000, help="samples to draw with --model")
+    p.add_argument("--inception", help="local TorchScript Inception feature extractor for FID")
+    p.add_argument("--out", help="also write the metrics JSON here")
+    sampling_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="export a UNet model folder as a diffusers DDPMPipeline")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+
+    clf = sub.add_parser("classifier", help="the digits metric classifier").add_subparsers(dest="clf_command", required=True)
+    p = clf.add_parser("train", help="train the digits classifier used by `dkdm eval`")
+    p.add_argument("--out", help="output folder (default: the bundled assets/classifier/digits)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=30)
+    p.set_defaults(func=cmd_classifier_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except ValidationError as exc:
+        print(f"dkdm: error: {_format_validation(exc)}", file=sys.stderr)
+        return 2
+    except (UsageError, CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"dkdm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dkdm: interrupted; the last checkpoint is kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""``dkdm distill --engine local``: Algorithm 1 in one process, and ``dkdm teacher train``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from dkdm_core.checkpoint import ModelCard, load_model
+from dkdm_core.data import load_dataset
+from dkdm_core.diffusion import make_diffusion
+from dkdm_core.models import build_model, count_parameters
+from dkdm_core.pool import NoisePool, pool_size
+from dkdm_core.spec import DistillSpec, TeacherTrainSpec
+from dkdm_core.training import DataTrainer, Distiller
+from services.evaluation import resolve_path
+from services.runner import RunResult, run_training
+
+log = logging.getLogger(__name__)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train_teacher(spec: TeacherTrainSpec, progress: bool = True) -> RunResult:
+    """Data-based training of a teacher with L_hybrid (Eq. 13)."""
+    if spec.run.threads:
+        torch.set_num_threads(spec.run.threads)
+    torch.manual_seed(spec.seed)
+    device = pick_device()
+    gen = torch.Generator().manual_seed(spec.seed)
+    data = load_dataset(spec.data, gen)
+    if tuple(data.shape[1:]) != spec.model.sample_shape:
+        raise ValueError(
+            f"model.channels/image_size give samples of shape {spec.model.sample_shape}, "
+            f"but {spec.data} has {tuple(data.shape[1:])}"
+        )
+    m = spec.model
+    model = build_model(m.arch, m.channels, m.image_size, m.learn_sigma)
+    diffusion = make_diffusion(spec.diffusion.schedule, spec.diffusion.num_timesteps, m.learn_sigma)
+    trainer = DataTrainer(model, diffusion, data, spec.optim, gen, spec.vlb_weight, device)
+    card = ModelCard(
+        arch=m.arch,
+        channels=m.channels,
+        image_size=m.image_size,
+        learn_sigma=m.learn_sigma,
+        diffusion=spec.diffusion,
+        data=spec.data,
+        info={"kind": "teacher", "parameters": count_parameters(model), "objective": "hybrid"},
+    )
+    return run_training(
+        trainer, card, spec.model_dump(), Path(spec.out), spec.steps, spec.run, spec.seed, progress=progress
+    )
+
+
+def build_distiller(spec: DistillSpec, device: torch.device | None = None) -> tuple[Distiller, ModelCard, dict[str, float]]:
+    """Teacher, student, chain and pool for a DKDM job, before the pool is initialised."""
+    device = device or pick_device()
+    teacher, teacher_card = load_model(resolve_path(spec.teacher), device)
+    if spec.objective == "dkdm" and not teacher_card.learn_sigma:
+        raise ValueError("objective 'dkdm' needs a teacher with learned variance; use objective: simple")
+    torch.manual_seed(spec.seed)
+    student = build_model(spec.student.arch, teacher_card.channels, teacher_card.image_size, teacher_card.learn_sigma)
+    diff = teacher_card.diffusion
+    chain_steps = spec.pool.chain_steps
+    if chain_steps is not None and chain_steps > diff.num_timesteps:
+        raise ValueError(f"pool.chain_steps={chain_steps} exceeds the teacher's T={diff.num_timesteps}")
+    chain = make_diffusion(diff.schedule, diff.num_timesteps, teacher_card.learn_sigma, respacing=chain_steps)
+    b = spec.optim.batch_size
+    size = pool_size(spec.pool.strategy, b, chain.num_timesteps, spec.pool.rho)
+    pool = NoisePool(spec.pool.strategy, size, teacher_card.sample_shape, chain.num_timesteps,
+                     torch.Generator().manual_seed(spec.seed))
+    distiller = Distiller(
+        student, teacher, chain, pool, spec.optim,
+        teacher_generator=torch.Generator().manual_seed(spec.seed + 1),
+        vlb_weight=spec.vlb_weight, mode=spec.objective, device=device,
+    )
+    card = teacher_card.model_copy(deep=True)
+    card.arch = spec.student.arch
+    card.info = {
+        "kind": "student",
+        "method": spec.method,
+        "teacher": str(spec.teacher),
+        "parameters": count_parameters(student),
+        "teacher_parameters": count_parameters(teacher),
+        "chain_steps": chain.num_timesteps,
+        "pool_size": size,
+    }
+    stats = {"pool_size": float(size), "chain_steps": float(chain.num_timesteps)}
+    return distiller, card, stats
+
+
+def distill_local(spec: DistillSpec, progress: bool = True) -> RunResult:
+    """Dynamic iterative distillation (Algorithm 1) in this process."""
+    if spec.run.threads:
+        torch.set_num_threads(spec.run.threads)
+    distiller, card, stats = build_distiller(spec)
+    out = Path(spec.out)
+    fresh = not (out / "checkpoints").is_dir()
+    if fresh:
+        start = time.perf_counter()
+        evaluations = distiller.init_pool(spec.teacher_batch_size)
+        stats["pool_init_seconds"] = time.perf_counter() - start
+        stats["pool_init_teacher_evaluations"] = float(evaluations)
+        log.info("pool of %d initialised with %d teacher evaluations", distiller.pool.size, evaluations)
+
+    def extra() -> dict[str, float]:
+        return {"teacher_calls": float(distiller.teacher_calls), "pool_finished": float(distiller.pool.finished)}
+
+    return run_training(
+        distiller, card, spec.model_dump(), out, spec.steps, spec.run, spec.seed,
+        extra_log=extra, extra_metrics=stats, progress=progress,
+    )

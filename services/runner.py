@@ -1,0 +1,131 @@
+"""The training driver shared by ``dkdm teacher train`` and ``dkdm distill --engine local``.
+
+It owns everything a trainer step object does not: resuming, the progress bar, the loss log,
+checkpoints, sample grids and the final evaluation. Output folder layout:
+
+    OUT/config.json, OUT/model.safetensors   the latest EMA model (what ``dkdm sample`` reads)
+    OUT/spec.yaml                            the resolved job spec
+    OUT/log.jsonl                            one JSON line per logged step
+    OUT/checkpoints/step_XXXXXXXX/           resumable checkpoints (model + train_state.pt)
+    OUT/samples/step_XXXXXXXX.png            sample grids
+    OUT/metrics.json                         the final evaluation
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from dkdm_core.checkpoint import ModelCard, list_checkpoints, load_train_state, save_checkpoint, save_model
+from dkdm_core.sampling import generate, sampling_diffusion
+from dkdm_core.spec import RunSpec
+from services.evaluation import digits_evaluator
+from services.images import save_grid
+
+log = logging.getLogger(__name__)
+
+
+class SteppingTrainer(Protocol):
+    steps_done: int
+    ema: Any
+
+    def step(self) -> dict[str, float]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class RunResult:
+    out: Path
+    steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    grid: Path | None = None
+    resumed_from: int = 0
+
+
+def resume_latest(trainer: SteppingTrainer, checkpoints: Path) -> int:
+    """Load the newest complete checkpoint, if any; returns the step it continues from."""
+    found = list_checkpoints(checkpoints)
+    if not found:
+        return 0
+    trainer.load_state_dict(load_train_state(found[-1]))
+    log.info("resumed from %s", found[-1])
+    return trainer.steps_done
+
+
+def evaluate_model(model: nn.Module, card: ModelCard, run: RunSpec, num: int, seed: int) -> tuple[dict[str, float], torch.Tensor]:
+    """Samples from ``model`` and, for digits models, their digits FD and IS analogue."""
+    diffusion = sampling_diffusion(card.diffusion, card.learn_sigma, run.sample_steps, run.sampler)
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    samples = generate(model, diffusion, card.sample_shape, num, seed, run.sampler, device=device)
+    metrics: dict[str, float] = {"sample_seconds_per_image": (time.perf_counter() - start) / num}
+    if card.data == "digits":
+        metrics.update(digits_evaluator().evaluate(samples))
+    return metrics, samples
+
+
+def run_training(
+    trainer: SteppingTrainer,
+    card: ModelCard,
+    spec: dict[str, Any],
+    out: Path,
+    total_steps: int,
+    run: RunSpec,
+    seed: int,
+    extra_log: Callable[[], dict[str, float]] | None = None,
+    extra_metrics: dict[str, float] | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Train to ``total_steps`` (resuming from OUT/checkpoints), then save and evaluate."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    checkpoints = out / "checkpoints"
+    resumed = resume_latest(trainer, checkpoints)
+
+    def checkpoint() -> None:
+        step = trainer.steps_done
+        save_checkpoint(checkpoints, step, trainer.ema.model, card, trainer.state_dict())
+        save_model(out, trainer.ema.model, card)
+
+    bar = tqdm(total=total_steps, initial=resumed, disable=not progress, desc="train", dynamic_ncols=True)
+    started = time.perf_counter()
+    with open(out / "log.jsonl", "a") as log_file:
+        while trainer.steps_done < total_steps:
+            logs = trainer.step()
+            step = trainer.steps_done
+            bar.update(1)
+            if step % run.log_every == 0 or step == total_steps:
+                record = {"step": step, **logs, **(extra_log() if extra_log else {})}
+                record["elapsed_s"] = time.perf_counter() - started
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", mse=f"{logs['mse']:.4f}")
+            if step % run.checkpoint_every == 0:
+                checkpoint()
+            if step % run.sample_every == 0 and step < total_steps and len(card.sample_shape) == 3:
+                _, samples = evaluate_model(trainer.ema.model, card, run, 64, seed)
+                save_grid(samples, out / "samples" / f"step_{step:08d}.png")
+    bar.close()
+    if not list_checkpoints(checkpoints) or list_checkpoints(checkpoints)[-1].name != f"step_{total_steps:08d}":
+        checkpoint()
+    metrics, samples = evaluate_model(trainer.ema.model, card, run, run.eval_samples, seed)
+    metrics["train_seconds"] = time.perf_counter() - started
+    metrics["steps"] = float(trainer.steps_done)
+    metrics.update(extra_metrics or {})
+    metrics.update(extra_log() if extra_log else {})
+    grid = save_grid(samples[:100], out / "samples" / "final.png", nrow=10) if samples.ndim == 4 else None
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    card.info["metrics"] = metrics
+    save_model(out, trainer.ema.model, card)
+    return RunResult(out=out, steps=trainer.steps_done, metrics=metrics, grid=grid, resumed_from=resumed)
