@@ -132,7 +132,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
-        raise ValueError(f"{p} is not valid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{p} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):

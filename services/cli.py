@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dkdm: error: {_format_validation(exc)}", file=sys.stderr)
         return 2
     except (UsageError, CheckpointError, FileNotFoundError, ValueError) as exc:
-        print(f"dkdm: error: {exc}", file=sys.stderr)
+        print(f"dkdm: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dkdm: interrupted; the last checkpoint is kept", file=sys.stderr)

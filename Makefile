@@ -1,0 +1,42 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Both create .venv and install what they need first.
+#
+# TORCH_SPEC picks the PyTorch build. The default pins the CPU wheel this project is developed
+# with; for a GPU machine use e.g. `make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124" demo`.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test lint typecheck pytest install clean
+
+$(BIN)/dkdm: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(BIN)/dkdm
+
+install: $(BIN)/dkdm
+
+demo: install
+	$(BIN)/dkdm distill --config configs/digits-dkdm.yaml
+	$(BIN)/dkdm sample --model runs/digits-dkdm --num 1000 --out runs/digits-dkdm/samples.npz --grid runs/digits-dkdm/samples.png
+	$(BIN)/dkdm eval --samples runs/digits-dkdm/samples.npz --out runs/digits-dkdm/eval.json
+	@echo "demo outputs in runs/digits-dkdm: model.safetensors, samples.npz, samples.png, metrics.json, eval.json"
+
+lint: install
+	$(BIN)/ruff check dkdm_core services tests bench
+	$(BIN)/ruff format --check dkdm_core services tests bench
+
+typecheck: install
+	$(BIN)/mypy
+
+pytest: install
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,40 @@
+"""Every registered architecture maps (x_t, t) to the right number of output channels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dkdm_core.models import MODELS, VECTOR_MODELS, build_model
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_output_shape(arch: str, learn_sigma: bool) -> None:
+    model = build_model(arch, 1 if arch not in VECTOR_MODELS else 2, 8, learn_sigma)
+    x = torch.randn(3, 2) if arch in VECTOR_MODELS else torch.randn(3, 1, 8, 8)
+    out = model(x, torch.tensor([0, 500, 999]))
+    k = 2 if learn_sigma else 1
+    assert out.shape == (3, k * x.shape[1], *x.shape[2:])
+    assert torch.isfinite(out).all()
+
+
+def test_models_depend_on_the_timestep() -> None:
+    torch.manual_seed(0)
+    for arch in ("unet-tiny", "vit-tiny"):
+        model = build_model(arch, 1, 8, True)
+        # DiT starts as the zero map (adaLN-Zero); perturb so t has an effect to measure.
+        for p in model.parameters():
+            p.data += 0.05 * torch.randn_like(p)
+        x = torch.randn(2, 1, 8, 8)
+        assert not torch.allclose(model(x, torch.tensor([1, 1])), model(x, torch.tensor([900, 900])))
+
+
+def test_unknown_model_name_lists_the_choices() -> None:
+    with pytest.raises(ValueError, match="unknown model 'unet-huge'.*unet-small"):
+        build_model("unet-huge", 1, 8, True)
+
+
+def test_vit_rejects_image_size_not_divisible_by_patch() -> None:
+    with pytest.raises(ValueError, match="patch size"):
+        build_model("vit-tiny", 1, 7, True)

@@ -1,0 +1,69 @@
+"""The training step objects: Algorithm 1's bookkeeping and exact resumption."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from dkdm_core.diffusion import make_diffusion
+from dkdm_core.models import build_model
+from dkdm_core.pool import NoisePool, pool_size
+from dkdm_core.spec import OptimSpec
+from dkdm_core.training import DataTrainer, Distiller
+
+OPTIM = OptimSpec(batch_size=8, lr=1e-3, warmup_steps=0)
+
+
+def make_distiller(student=None, seed: int = 0, strategy="dynamic") -> Distiller:
+    torch.manual_seed(123)
+    teacher = build_model("mlp-small", 2, 0, True)
+    chain = make_diffusion("cosine", 1000, respacing=10)
+    size = pool_size(strategy, OPTIM.batch_size, chain.num_timesteps, 0.5)
+    pool = NoisePool(strategy, size, (2,), chain.num_timesteps, torch.Generator().manual_seed(seed))
+    student = student if student is not None else build_model("mlp-small", 2, 0, True)
+    return Distiller(student, teacher, chain, pool, OPTIM, torch.Generator().manual_seed(seed + 1))
+
+
+def test_student_identical_to_teacher_has_zero_loss() -> None:
+    d = make_distiller()
+    d.model.load_state_dict(d.teacher.state_dict())
+    d.init_pool(16)
+    assert d.step()["loss"] < 1e-10
+
+
+def test_each_step_costs_one_teacher_call_per_sample_and_keeps_the_pool() -> None:
+    d = make_distiller()
+    spent = d.init_pool(16)
+    assert d.teacher_calls == spent > 0
+    for _ in range(30):
+        d.step()
+    assert d.teacher_calls == spent + 30 * OPTIM.batch_size
+    assert d.pool.size == 40 and int(d.pool.t.max()) <= 9 and int(d.pool.t.min()) >= 0
+    assert not d.pool.leased.any()
+
+
+def test_resume_from_state_dict_continues_exactly() -> None:
+    a = make_distiller()
+    a.init_pool(16)
+    for _ in range(5):
+        a.step()
+    state = copy.deepcopy(a.state_dict())
+    expected = [a.step()["loss"] for _ in range(5)]
+    b = make_distiller(seed=7)
+    b.load_state_dict(state)
+    assert [b.step()["loss"] for _ in range(5)] == expected
+    assert b.steps_done == 10
+
+
+def test_data_trainer_reduces_the_hybrid_loss_on_toy_data() -> None:
+    torch.manual_seed(0)
+    from dkdm_core.data import toy_2d
+
+    gen = torch.Generator().manual_seed(0)
+    trainer = DataTrainer(
+        build_model("mlp-small", 2, 0, True), make_diffusion("cosine", 100), toy_2d(2048, gen),
+        OptimSpec(batch_size=256, lr=2e-3, warmup_steps=0), gen,
+    )
+    losses = [trainer.step()["mse"] for _ in range(300)]
+    assert sum(losses[-30:]) / 30 < 0.6 * sum(losses[:30]) / 30

@@ -1,0 +1,115 @@
+"""The dkdm command: help everywhere, one-line errors on bad input, and the sample/eval formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import run_dkdm
+
+COMMANDS = [[], ["teacher"], ["teacher", "train"], ["distill"], ["sample"], ["eval"], ["export"], ["classifier", "train"]]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "dkdm")
+def test_every_command_has_help(cmd: list[str]) -> None:
+    proc = run_dkdm(*cmd, "--help", subprocess_=not cmd)  # the real entry point once
+    assert proc.stdout.startswith("usage: dkdm")
+
+
+def assert_one_line_error(proc, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dkdm: error:"), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    proc = run_dkdm("distill", "--config", str(tmp_path / "no.yaml"), check=False, subprocess_=True)
+    assert_one_line_error(proc, "config file not found")
+
+
+def test_invalid_yaml_and_non_mapping(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1, 2\n")
+    assert_one_line_error(run_dkdm("distill", "--config", str(bad), check=False), "not valid YAML")
+    bad.write_text("- a\n- b\n")
+    assert_one_line_error(run_dkdm("distill", "--config", str(bad), check=False), "must hold a mapping")
+
+
+def test_unknown_model_name_and_fields_are_named(tmp_path: Path) -> None:
+    assert_one_line_error(
+        run_dkdm("distill", "--set", "student.arch=unet-huge", "--out", str(tmp_path), check=False),
+        "student.arch", "unknown model 'unet-huge'",
+    )
+    assert_one_line_error(run_dkdm("distill", "--set", "pool.rhoo=1", check=False), "pool.rhoo")
+    assert_one_line_error(run_dkdm("distill", "--set", "pool.strategy=greedy", check=False), "pool.strategy")
+    assert_one_line_error(run_dkdm("teacher", "train", "--set", "model.arch=nope", check=False), "model.arch")
+
+
+def test_missing_teacher_folder(tmp_path: Path) -> None:
+    proc = run_dkdm("distill", "--set", f"teacher={tmp_path / 'nope'}", "--out", str(tmp_path / "o"), check=False)
+    assert_one_line_error(proc, "model folder not found")
+
+
+def test_teacher_shape_mismatch_is_reported(tmp_path: Path) -> None:
+    proc = run_dkdm("teacher", "train", "--set", "model.image_size=16", "--out", str(tmp_path), check=False)
+    assert_one_line_error(proc, "(1, 16, 16)", "(1, 8, 8)")
+
+
+def test_chain_longer_than_teacher(tiny_teacher: Path, tmp_path: Path) -> None:
+    proc = run_dkdm("distill", "--set", f"teacher={tiny_teacher}", "--set", "pool.chain_steps=500",
+                    "--out", str(tmp_path), check=False)
+    assert_one_line_error(proc, "exceeds the teacher's T=100")
+
+
+def test_sample_writes_uint8_nhwc_and_grid(tiny_teacher: Path, tmp_path: Path) -> None:
+    out, grid = tmp_path / "s.npz", tmp_path / "g.png"
+    run_dkdm("sample", "--model", str(tiny_teacher), "--num", "20", "--steps", "5", "--out", str(out), "--grid", str(grid))
+    with np.load(out) as data:
+        arr = data["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (20, 8, 8, 1)
+    assert grid.stat().st_size > 0
+    run_dkdm("sample", "--model", str(tiny_teacher), "--num", "4", "--steps", "5", "--sampler", "ddim", "--out", str(out))
+
+
+def test_sample_and_eval_bad_inputs(tiny_teacher: Path, tmp_path: Path) -> None:
+    assert_one_line_error(run_dkdm("sample", "--model", str(tmp_path), "--num", "2", "--out", str(tmp_path / "x.npz"),
+                                   check=False), "config.json is missing")
+    assert_one_line_error(run_dkdm("sample", "--model", str(tiny_teacher), "--num", "0", "--out", "x.npz", check=False),
+                          "--num")
+    assert_one_line_error(run_dkdm("sample", "--model", str(tiny_teacher), "--num", "2", "--steps", "5000",
+                                   "--out", str(tmp_path / "x.npz"), check=False), "sampling steps")
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, arr_0=np.zeros((4, 16, 16, 3), dtype=np.uint8))
+    assert_one_line_error(run_dkdm("eval", "--samples", str(wrong), check=False), "8x8 grey")
+    np.savez(wrong, arr_0=np.zeros((4, 8, 8), dtype=np.float32))
+    assert_one_line_error(run_dkdm("eval", "--samples", str(wrong), check=False), "uint8")
+    assert_one_line_error(run_dkdm("eval", "--samples", str(tmp_path / "none.npz"), check=False), "not found")
+    (tmp_path / "junk.npz").write_text("junk")
+    assert_one_line_error(run_dkdm("eval", "--samples", str(tmp_path / "junk.npz"), check=False), "not a readable")
+    assert_one_line_error(run_dkdm("eval", check=False), "exactly one of")
+
+
+def test_eval_of_real_digits_scores_near_zero(tmp_path: Path) -> None:
+    from dkdm_core.data import load_digits_tensor, to_uint8_nhwc
+
+    real = tmp_path / "real.npz"
+    np.savez(real, arr_0=to_uint8_nhwc(load_digits_tensor()[0]))
+    noise = tmp_path / "noise.npz"
+    np.savez(noise, arr_0=np.random.default_rng(0).integers(0, 256, (1797, 8, 8, 1), dtype=np.uint8))
+    import json
+
+    good = json.loads(run_dkdm("eval", "--samples", str(real)).stdout)
+    bad = json.loads(run_dkdm("eval", "--samples", str(noise)).stdout)
+    assert good["digits_fd"] < 1.0 < 100 < bad["digits_fd"]
+    assert good["digits_is"] > 8 > bad["digits_is"]
+
+
+def test_export_and_sample_from_diffusers_folder(tiny_teacher: Path, tmp_path: Path) -> None:
+    run_dkdm("export", "--model", str(tiny_teacher), "--out", str(tmp_path / "pipe"))
+    assert (tmp_path / "pipe" / "model_index.json").is_file()
+    run_dkdm("sample", "--model", str(tmp_path / "pipe"), "--num", "4", "--steps", "5", "--out", str(tmp_path / "p.npz"))
