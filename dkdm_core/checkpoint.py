@@ -146,7 +146,8 @@ def export_diffusers(model: nn.Module, card: ModelCard, directory: str | Path) -
         clip_sample=True,
     )
     out = Path(directory)
-    DDPMPipeline(unet=model.net, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
+    pipeline = DDPMPipeline(unet=model.net, scheduler=scheduler)
+    pipeline.save_pretrained(str(out), safe_serialization=True)  # type: ignore[attr-defined]
     (out / "dkdm_card.json").write_text(card.model_dump_json(indent=2))
     return out
 
@@ -165,7 +166,8 @@ def import_diffusers(directory: Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(f"{sched_path}: beta_schedule {sched.get('beta_schedule')!r} is not supported")
     t = int(sched.get("num_train_timesteps", 1000))
     if schedule == "linear" and (
-        abs(sched.get("beta_start", 1e-4) - 1e-4 * 1000 / t) > 1e-9 or abs(sched.get("beta_end", 0.02) - 0.02 * 1000 / t) > 1e-9
+        abs(sched.get("beta_start", 1e-4) - 1e-4 * 1000 / t) > 1e-9
+        or abs(sched.get("beta_end", 0.02) - 0.02 * 1000 / t) > 1e-9
     ):
         raise CheckpointError(f"{sched_path}: only the standard linear schedule (1e-4..0.02 at T=1000) is supported")
     variance = sched.get("variance_type", "fixed_small")
@@ -203,7 +205,11 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     base = Path(root)
     if not base.is_dir():
         return []
-    found = [p for p in base.glob("step_*") if p.is_dir() and (p / TRAIN_STATE_FILE).is_file() and not p.name.endswith((".tmp", ".old"))]
+    found = [
+        p
+        for p in base.glob("step_*")
+        if p.is_dir() and (p / TRAIN_STATE_FILE).is_file() and not p.name.endswith((".tmp", ".old"))
+    ]
     return sorted(found)
 
 

@@ -25,9 +25,7 @@ def load_digits_tensor() -> tuple[torch.Tensor, torch.Tensor]:
 
 def toy_2d(num: int, generator: torch.Generator) -> torch.Tensor:
     """A ring of 8 Gaussians of radius 0.7 and std 0.05, inside [-1, 1]^2: (N, 2)."""
-    centers = torch.tensor(
-        [[math.cos(2 * math.pi * k / 8), math.sin(2 * math.pi * k / 8)] for k in range(8)]
-    ) * 0.7
+    centers = torch.tensor([[math.cos(2 * math.pi * k / 8), math.sin(2 * math.pi * k / 8)] for k in range(8)]) * 0.7
     which = torch.randint(0, 8, (num,), generator=generator)
     return centers[which] + 0.05 * torch.randn(num, 2, generator=generator)
 

@@ -35,15 +35,11 @@ def get_named_beta_schedule(name: Schedule, num_timesteps: int) -> np.ndarray:
         scale = 1000 / num_timesteps
         return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
     if name == "cosine":
-        return betas_for_alpha_bar(
-            num_timesteps, lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-        )
+        return betas_for_alpha_bar(num_timesteps, lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2)
     raise ValueError(f"unknown beta schedule {name!r}; expected 'linear' or 'cosine'")
 
 
-def betas_for_alpha_bar(
-    num_timesteps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999
-) -> np.ndarray:
+def betas_for_alpha_bar(num_timesteps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999) -> np.ndarray:
     """Discretise a continuous ᾱ(s), s ∈ [0, 1]; β is capped so the last steps stay invertible."""
     betas = []
     for i in range(num_timesteps):
@@ -63,8 +59,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | int) -> list[int]:
         count = int(section_counts[len("ddim") :])
         if not 1 <= count <= num_timesteps:
             raise ValueError(f"cannot keep {count} of {num_timesteps} timesteps")
-        stride = num_timesteps // count
-        return list(range(0, num_timesteps, stride))[:count]
+        return list(range(0, num_timesteps, num_timesteps // count))[:count]
     counts = [int(c) for c in str(section_counts).split(",")]
     size_per, extra = divmod(num_timesteps, len(counts))
     kept: list[int] = []
@@ -90,26 +85,16 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=tuple(range(1, x.ndim)))
 
 
-def normal_kl(
-    mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor
-) -> torch.Tensor:
+def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
     """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)), elementwise, in nats."""
-    return 0.5 * (
-        -1.0
-        + logvar2
-        - logvar1
-        + torch.exp(logvar1 - logvar2)
-        + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
-    )
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def _approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
-def discretized_gaussian_log_likelihood(
-    x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor
-) -> torch.Tensor:
+def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
     """log p(x) of data in [-1, 1] quantised to 256 bins under N(means, e^{2 log_scales}) (Ho et al.)."""
     centered = x - means
     inv_stdv = torch.exp(-log_scales)
@@ -174,9 +159,7 @@ class GaussianDiffusion:
         self.posterior_log_variance_clipped = np.log(np.append(first, self.posterior_variance[1:]))
         # Eq. (7): μ̃_t = coef1 · x_0 + coef2 · x_t.
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (
-            (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
-        )
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
 
     @property
     def out_channels_factor(self) -> int:
@@ -202,10 +185,7 @@ class GaussianDiffusion:
         self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Eqs. (5)-(7): mean and clipped log variance of q(x_{t-1} | x_t, x_0)."""
-        mean = (
-            _gather(self.posterior_mean_coef1, t, x_t) * x_start
-            + _gather(self.posterior_mean_coef2, t, x_t) * x_t
-        )
+        mean = _gather(self.posterior_mean_coef1, t, x_t) * x_start + _gather(self.posterior_mean_coef2, t, x_t) * x_t
         return mean, _gather(self.posterior_log_variance_clipped, t, x_t)
 
     def predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -312,9 +292,7 @@ class GaussianDiffusion:
         """Eq. (9) per sample in bits/dim: KL(q ‖ p) for t > 0, the decoder NLL at t = 0. (B,)"""
         true_mean, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
         kl = mean_flat(normal_kl(true_mean, true_log_variance, step.mean, step.log_variance)) / math.log(2.0)
-        decoder_nll = -discretized_gaussian_log_likelihood(
-            x_start, means=step.mean, log_scales=0.5 * step.log_variance
-        )
+        decoder_nll = -discretized_gaussian_log_likelihood(x_start, means=step.mean, log_scales=0.5 * step.log_variance)
         decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
         return torch.where(t == 0, decoder_nll, kl)
 
@@ -329,10 +307,7 @@ def make_diffusion(
     base = GaussianDiffusion(get_named_beta_schedule(schedule, num_timesteps), learn_sigma)
     if respacing is None:
         return base
-    if isinstance(respacing, (str, int)):
-        kept = space_timesteps(num_timesteps, respacing)
-    else:
-        kept = list(respacing)
+    kept = space_timesteps(num_timesteps, respacing) if isinstance(respacing, (str, int)) else list(respacing)
     return respace(base, kept)
 
 

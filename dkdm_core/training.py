@@ -57,7 +57,7 @@ class Trainer:
         self.scheduler.step()
         self.ema.update(self.model)
         self.steps_done += 1
-        return {**terms.as_floats(), "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0]}
+        return {**terms.as_floats(), "grad_norm": float(grad_norm), "lr": float(self.scheduler.get_last_lr()[0])}
 
     def state_dict(self) -> dict[str, Any]:
         return {

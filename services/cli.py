@@ -208,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
 
-    clf = sub.add_parser("classifier", help="the digits metric classifier").add_subparsers(dest="clf_command", required=True)
+    clf = sub.add_parser("classifier", help="the digits metric classifier").add_subparsers(
+        dest="clf_command", required=True
+    )
     p = clf.add_parser("train", help="train the digits classifier used by `dkdm eval`")
     p.add_argument("--out", help="output folder (default: the bundled assets/classifier/digits)")
     p.add_argument("--seed", type=int, default=0)
@@ -220,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         args.func(args)
     except ValidationError as exc:

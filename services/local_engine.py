@@ -16,7 +16,7 @@ from dkdm_core.pool import NoisePool, pool_size
 from dkdm_core.spec import DistillSpec, TeacherTrainSpec
 from dkdm_core.training import DataTrainer, Distiller
 from services.evaluation import resolve_path
-from services.runner import RunResult, run_training
+from services.runner import RunResult, check_resumable, run_training
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,9 @@ def train_teacher(spec: TeacherTrainSpec, progress: bool = True) -> RunResult:
     )
 
 
-def build_distiller(spec: DistillSpec, device: torch.device | None = None) -> tuple[Distiller, ModelCard, dict[str, float]]:
+def build_distiller(
+    spec: DistillSpec, device: torch.device | None = None
+) -> tuple[Distiller, ModelCard, dict[str, float]]:
     """Teacher, student, chain and pool for a DKDM job, before the pool is initialised."""
     device = device or pick_device()
     teacher, teacher_card = load_model(resolve_path(spec.teacher), device)
@@ -71,12 +73,23 @@ def build_distiller(spec: DistillSpec, device: torch.device | None = None) -> tu
     chain = make_diffusion(diff.schedule, diff.num_timesteps, teacher_card.learn_sigma, respacing=chain_steps)
     b = spec.optim.batch_size
     size = pool_size(spec.pool.strategy, b, chain.num_timesteps, spec.pool.rho)
-    pool = NoisePool(spec.pool.strategy, size, teacher_card.sample_shape, chain.num_timesteps,
-                     torch.Generator().manual_seed(spec.seed))
+    pool = NoisePool(
+        spec.pool.strategy,
+        size,
+        teacher_card.sample_shape,
+        chain.num_timesteps,
+        torch.Generator().manual_seed(spec.seed),
+    )
     distiller = Distiller(
-        student, teacher, chain, pool, spec.optim,
+        student,
+        teacher,
+        chain,
+        pool,
+        spec.optim,
         teacher_generator=torch.Generator().manual_seed(spec.seed + 1),
-        vlb_weight=spec.vlb_weight, mode=spec.objective, device=device,
+        vlb_weight=spec.vlb_weight,
+        mode=spec.objective,
+        device=device,
     )
     card = teacher_card.model_copy(deep=True)
     card.arch = spec.student.arch
@@ -97,8 +110,9 @@ def distill_local(spec: DistillSpec, progress: bool = True) -> RunResult:
     """Dynamic iterative distillation (Algorithm 1) in this process."""
     if spec.run.threads:
         torch.set_num_threads(spec.run.threads)
-    distiller, card, stats = build_distiller(spec)
     out = Path(spec.out)
+    check_resumable(out, spec.model_dump())  # before the costly pool initialisation
+    distiller, card, stats = build_distiller(spec)
     fresh = not (out / "checkpoints").is_dir()
     if fresh:
         start = time.perf_counter()
@@ -111,6 +125,14 @@ def distill_local(spec: DistillSpec, progress: bool = True) -> RunResult:
         return {"teacher_calls": float(distiller.teacher_calls), "pool_finished": float(distiller.pool.finished)}
 
     return run_training(
-        distiller, card, spec.model_dump(), out, spec.steps, spec.run, spec.seed,
-        extra_log=extra, extra_metrics=stats, progress=progress,
+        distiller,
+        card,
+        spec.model_dump(),
+        out,
+        spec.steps,
+        spec.run,
+        spec.seed,
+        extra_log=extra,
+        extra_metrics=stats,
+        progress=progress,
     )

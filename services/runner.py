@@ -53,6 +53,37 @@ class RunResult:
     resumed_from: int = 0
 
 
+# Fields a resumed run may change: its length, its outputs and its bookkeeping cadence.
+RESUMABLE_CHANGES = frozenset({"steps", "out", "run", "engine"})
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resumable(out: Path, spec: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint made by a different job (another student, pool, seed...)."""
+    previous_path = out / "spec.yaml"
+    if not previous_path.is_file() or not list_checkpoints(out / "checkpoints"):
+        return
+    before = _flatten(yaml.safe_load(previous_path.read_text()) or {})
+    after = _flatten(spec)
+    changed = sorted(
+        k
+        for k in before.keys() | after.keys()
+        if k.split(".")[0] not in RESUMABLE_CHANGES and before.get(k) != after.get(k)
+    )
+    if changed:
+        diff = ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed)
+        raise ValueError(f"{out} holds checkpoints of a different job ({diff}); use a new --out to start over")
+
+
 def resume_latest(trainer: SteppingTrainer, checkpoints: Path) -> int:
     """Load the newest complete checkpoint, if any; returns the step it continues from."""
     found = list_checkpoints(checkpoints)
@@ -63,7 +94,9 @@ def resume_latest(trainer: SteppingTrainer, checkpoints: Path) -> int:
     return trainer.steps_done
 
 
-def evaluate_model(model: nn.Module, card: ModelCard, run: RunSpec, num: int, seed: int) -> tuple[dict[str, float], torch.Tensor]:
+def evaluate_model(
+    model: nn.Module, card: ModelCard, run: RunSpec, num: int, seed: int
+) -> tuple[dict[str, float], torch.Tensor]:
     """Samples from ``model`` and, for digits models, their digits FD and IS analogue."""
     diffusion = sampling_diffusion(card.diffusion, card.learn_sigma, run.sample_steps, run.sampler)
     device = next(model.parameters()).device
@@ -89,6 +122,7 @@ def run_training(
 ) -> RunResult:
     """Train to ``total_steps`` (resuming from OUT/checkpoints), then save and evaluate."""
     out.mkdir(parents=True, exist_ok=True)
+    check_resumable(out, spec)
     (out / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     checkpoints = out / "checkpoints"
     resumed = resume_latest(trainer, checkpoints)

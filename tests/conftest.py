@@ -41,9 +41,24 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A unet-tiny digits teacher with T=100, trained for a few steps: cheap, real, and loadable."""
     out = tmp_path_factory.mktemp("teacher") / "t"
     run_dkdm(
-        "teacher", "train", "--steps", "40", "--out", str(out), "--quiet",
-        "--set", "model.arch=unet-tiny", "--set", "diffusion.num_timesteps=100",
-        "--set", "optim.batch_size=32", "--set", "run.eval_samples=32", "--set", "run.sample_steps=5",
-        "--set", "run.checkpoint_every=20",
+        "teacher",
+        "train",
+        "--steps",
+        "40",
+        "--out",
+        str(out),
+        "--quiet",
+        "--set",
+        "model.arch=unet-tiny",
+        "--set",
+        "diffusion.num_timesteps=100",
+        "--set",
+        "optim.batch_size=32",
+        "--set",
+        "run.eval_samples=32",
+        "--set",
+        "run.sample_steps=5",
+        "--set",
+        "run.checkpoint_every=20",
     )
     return out

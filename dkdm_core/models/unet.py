@@ -52,7 +52,7 @@ class UNet(nn.Module):
         return model
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(x_t, t).sample  # (B, k·C, H, W)
+        return self.net(x_t, t).sample  # type: ignore[operator]  # (B, k·C, H, W)
 
 
 def unet_tiny(in_channels: int, image_size: int, learn_sigma: bool) -> UNet:

@@ -7,6 +7,7 @@ No class conditioning: dkdm distils unconditional teachers.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -44,7 +45,9 @@ class DiTBlock(nn.Module):
         self.attn = nn.MultiheadAttention(hidden, heads, batch_first=True)
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.mlp = nn.Sequential(
-            nn.Linear(hidden, int(hidden * mlp_ratio)), nn.GELU(approximate="tanh"), nn.Linear(int(hidden * mlp_ratio), hidden)
+            nn.Linear(hidden, int(hidden * mlp_ratio)),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(int(hidden * mlp_ratio), hidden),
         )
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
 
@@ -87,12 +90,10 @@ class DiT(nn.Module):
     def _init_weights(self) -> None:
         nn.init.normal_(self.pos_embed, std=0.02)
         # adaLN-Zero: every block starts as the identity, the output as zero.
-        for block in self.blocks:
-            nn.init.zeros_(block.ada[-1].weight)
-            nn.init.zeros_(block.ada[-1].bias)
-        for layer in (self.ada_out[-1], self.proj_out):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        zeroed = [cast(DiTBlock, block).ada[-1] for block in self.blocks] + [self.ada_out[-1], self.proj_out]
+        for layer in zeroed:
+            for p in layer.parameters():
+                nn.init.zeros_(p)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         b, p, g, c = x.shape[0], self.patch_size, self.grid, self.out_channels

@@ -25,7 +25,9 @@ from dkdm_core.spec import DiffusionSpec
 
 
 def card(arch: str = "unet-tiny", learn_sigma: bool = True) -> ModelCard:
-    return ModelCard(arch=arch, channels=1, image_size=8, learn_sigma=learn_sigma, diffusion=DiffusionSpec(), data="digits")
+    return ModelCard(
+        arch=arch, channels=1, image_size=8, learn_sigma=learn_sigma, diffusion=DiffusionSpec(), data="digits"
+    )
 
 
 def _same_outputs(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -113,5 +115,5 @@ def test_train_state_refuses_arbitrary_pickles(tmp_path: Path) -> None:
 def test_safetensors_with_wrong_shapes_is_a_clear_error(tmp_path: Path) -> None:
     save_model(tmp_path / "m", build_model("unet-tiny", 1, 8, True), card())
     save_file({"net.conv_in.weight": torch.zeros(3, 3)}, str(tmp_path / "m" / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="model.safetensors does not fit"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors does not fit"):
         load_model(tmp_path / "m")

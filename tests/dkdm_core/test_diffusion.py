@@ -147,7 +147,9 @@ def test_posterior_matches_eqs_6_and_7() -> None:
         coef0 = math.sqrt(ab_prev[ti]) * beta[ti] / (1 - ab[ti])
         coeft = math.sqrt(1 - beta[ti]) * (1 - ab_prev[ti]) / (1 - ab[ti])
         torch.testing.assert_close(mean[i], coef0 * x0[i] + coeft * xt[i])
-        assert math.isclose(float(log_var[i].flatten()[0]), math.log((1 - ab_prev[ti]) / (1 - ab[ti]) * beta[ti]), rel_tol=1e-5)
+        assert math.isclose(
+            float(log_var[i].flatten()[0]), math.log((1 - ab_prev[ti]) / (1 - ab[ti]) * beta[ti]), rel_tol=1e-5
+        )
 
 
 def test_eps_mean_equals_eq_10_when_unclipped() -> None:

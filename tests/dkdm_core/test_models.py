@@ -31,7 +31,7 @@ def test_models_depend_on_the_timestep() -> None:
 
 
 def test_unknown_model_name_lists_the_choices() -> None:
-    with pytest.raises(ValueError, match="unknown model 'unet-huge'.*unet-small"):
+    with pytest.raises(ValueError, match=r"unknown model 'unet-huge'.*unet-small"):
         build_model("unet-huge", 1, 8, True)
 
 

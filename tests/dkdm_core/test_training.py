@@ -62,8 +62,11 @@ def test_data_trainer_reduces_the_hybrid_loss_on_toy_data() -> None:
 
     gen = torch.Generator().manual_seed(0)
     trainer = DataTrainer(
-        build_model("mlp-small", 2, 0, True), make_diffusion("cosine", 100), toy_2d(2048, gen),
-        OptimSpec(batch_size=256, lr=2e-3, warmup_steps=0), gen,
+        build_model("mlp-small", 2, 0, True),
+        make_diffusion("cosine", 100),
+        toy_2d(2048, gen),
+        OptimSpec(batch_size=256, lr=2e-3, warmup_steps=0),
+        gen,
     )
     losses = [trainer.step()["mse"] for _ in range(300)]
     assert sum(losses[-30:]) / 30 < 0.6 * sum(losses[:30]) / 30

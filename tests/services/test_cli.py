@@ -9,7 +9,16 @@ import pytest
 
 from tests.conftest import run_dkdm
 
-COMMANDS = [[], ["teacher"], ["teacher", "train"], ["distill"], ["sample"], ["eval"], ["export"], ["classifier", "train"]]
+COMMANDS = [
+    [],
+    ["teacher"],
+    ["teacher", "train"],
+    ["distill"],
+    ["sample"],
+    ["eval"],
+    ["export"],
+    ["classifier", "train"],
+]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "dkdm")
@@ -43,7 +52,8 @@ def test_invalid_yaml_and_non_mapping(tmp_path: Path) -> None:
 def test_unknown_model_name_and_fields_are_named(tmp_path: Path) -> None:
     assert_one_line_error(
         run_dkdm("distill", "--set", "student.arch=unet-huge", "--out", str(tmp_path), check=False),
-        "student.arch", "unknown model 'unet-huge'",
+        "student.arch",
+        "unknown model 'unet-huge'",
     )
     assert_one_line_error(run_dkdm("distill", "--set", "pool.rhoo=1", check=False), "pool.rhoo")
     assert_one_line_error(run_dkdm("distill", "--set", "pool.strategy=greedy", check=False), "pool.strategy")
@@ -61,28 +71,56 @@ def test_teacher_shape_mismatch_is_reported(tmp_path: Path) -> None:
 
 
 def test_chain_longer_than_teacher(tiny_teacher: Path, tmp_path: Path) -> None:
-    proc = run_dkdm("distill", "--set", f"teacher={tiny_teacher}", "--set", "pool.chain_steps=500",
-                    "--out", str(tmp_path), check=False)
+    proc = run_dkdm(
+        "distill",
+        "--set",
+        f"teacher={tiny_teacher}",
+        "--set",
+        "pool.chain_steps=500",
+        "--out",
+        str(tmp_path),
+        check=False,
+    )
     assert_one_line_error(proc, "exceeds the teacher's T=100")
 
 
 def test_sample_writes_uint8_nhwc_and_grid(tiny_teacher: Path, tmp_path: Path) -> None:
     out, grid = tmp_path / "s.npz", tmp_path / "g.png"
-    run_dkdm("sample", "--model", str(tiny_teacher), "--num", "20", "--steps", "5", "--out", str(out), "--grid", str(grid))
+    run_dkdm(
+        "sample", "--model", str(tiny_teacher), "--num", "20", "--steps", "5", "--out", str(out), "--grid", str(grid)
+    )
     with np.load(out) as data:
         arr = data["arr_0"]
     assert arr.dtype == np.uint8 and arr.shape == (20, 8, 8, 1)
     assert grid.stat().st_size > 0
-    run_dkdm("sample", "--model", str(tiny_teacher), "--num", "4", "--steps", "5", "--sampler", "ddim", "--out", str(out))
+    run_dkdm(
+        "sample", "--model", str(tiny_teacher), "--num", "4", "--steps", "5", "--sampler", "ddim", "--out", str(out)
+    )
 
 
 def test_sample_and_eval_bad_inputs(tiny_teacher: Path, tmp_path: Path) -> None:
-    assert_one_line_error(run_dkdm("sample", "--model", str(tmp_path), "--num", "2", "--out", str(tmp_path / "x.npz"),
-                                   check=False), "config.json is missing")
-    assert_one_line_error(run_dkdm("sample", "--model", str(tiny_teacher), "--num", "0", "--out", "x.npz", check=False),
-                          "--num")
-    assert_one_line_error(run_dkdm("sample", "--model", str(tiny_teacher), "--num", "2", "--steps", "5000",
-                                   "--out", str(tmp_path / "x.npz"), check=False), "sampling steps")
+    assert_one_line_error(
+        run_dkdm("sample", "--model", str(tmp_path), "--num", "2", "--out", str(tmp_path / "x.npz"), check=False),
+        "config.json is missing",
+    )
+    assert_one_line_error(
+        run_dkdm("sample", "--model", str(tiny_teacher), "--num", "0", "--out", "x.npz", check=False), "--num"
+    )
+    assert_one_line_error(
+        run_dkdm(
+            "sample",
+            "--model",
+            str(tiny_teacher),
+            "--num",
+            "2",
+            "--steps",
+            "5000",
+            "--out",
+            str(tmp_path / "x.npz"),
+            check=False,
+        ),
+        "sampling steps",
+    )
     wrong = tmp_path / "wrong.npz"
     np.savez(wrong, arr_0=np.zeros((4, 16, 16, 3), dtype=np.uint8))
     assert_one_line_error(run_dkdm("eval", "--samples", str(wrong), check=False), "8x8 grey")
@@ -112,4 +150,6 @@ def test_eval_of_real_digits_scores_near_zero(tmp_path: Path) -> None:
 def test_export_and_sample_from_diffusers_folder(tiny_teacher: Path, tmp_path: Path) -> None:
     run_dkdm("export", "--model", str(tiny_teacher), "--out", str(tmp_path / "pipe"))
     assert (tmp_path / "pipe" / "model_index.json").is_file()
-    run_dkdm("sample", "--model", str(tmp_path / "pipe"), "--num", "4", "--steps", "5", "--out", str(tmp_path / "p.npz"))
+    run_dkdm(
+        "sample", "--model", str(tmp_path / "pipe"), "--num", "4", "--steps", "5", "--out", str(tmp_path / "p.npz")
+    )
