@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import run_dkdm
 
@@ -152,4 +153,34 @@ def test_export_and_sample_from_diffusers_folder(tiny_teacher: Path, tmp_path: P
     assert (tmp_path / "pipe" / "model_index.json").is_file()
     run_dkdm(
         "sample", "--model", str(tmp_path / "pipe"), "--num", "4", "--steps", "5", "--out", str(tmp_path / "p.npz")
+    )
+
+
+class _TinyExtractor(torch.nn.Module):
+    """A stand-in feature extractor with the Inception detector's calling convention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 5, stride=4)
+
+    def forward(self, x: torch.Tensor, return_features: bool = True) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x / 255.0)), 2).flatten(1)
+
+
+def test_eval_with_a_local_torchscript_extractor(tmp_path: Path) -> None:
+    import json
+
+    from dkdm_core.data import load_digits_tensor, to_uint8_nhwc
+
+    torch.manual_seed(0)
+    path = tmp_path / "extractor.pt"
+    torch.jit.script(_TinyExtractor()).save(str(path))
+    real = tmp_path / "real.npz"
+    np.savez(real, arr_0=to_uint8_nhwc(load_digits_tensor()[0][:300]))
+    metrics = json.loads(run_dkdm("eval", "--samples", str(real), "--inception", str(path)).stdout)
+    assert 0 <= metrics["inception_fid"] < metrics["digits_fd"] + 50
+    (tmp_path / "junk.pt").write_text("junk")
+    assert_one_line_error(
+        run_dkdm("eval", "--samples", str(real), "--inception", str(tmp_path / "junk.pt"), check=False),
+        "not a TorchScript archive",
     )
