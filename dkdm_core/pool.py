@@ -14,13 +14,16 @@ Strategies (the paper's ablation, Fig. 4a):
 
 All randomness comes from the pool's own ``torch.Generator`` so a seeded pool is reproducible and a
 snapshot (``state_dict``) continues exactly where it stopped. Leases make the pool safe to share:
-a leased sample cannot be handed out again until it is put back (advanced) or released (not).
+a leased sample cannot be handed out again until its lease is put back (advanced) or released or
+expired (not advanced). Each lease has its own id, so an answer that arrives after its lease expired
+is refused rather than advancing samples a second time. Time is passed in (``now``), never read.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -41,9 +44,20 @@ def pool_size(strategy: Strategy, batch_size: int, chain_length: int, rho: float
 class Lease:
     """Samples handed out for one teacher step: their pool ids, x̂_t and t."""
 
+    lease_id: int
     ids: torch.Tensor  # (b,) long
     x_t: torch.Tensor  # (b, C, H, W)
     t: torch.Tensor  # (b,) long
+
+
+class StaleLeaseError(ValueError):
+    """A lease returned twice, or after it expired and its samples were handed out again."""
+
+
+@dataclass
+class _Outstanding:
+    ids: torch.Tensor
+    deadline: float = field(default=math.inf)
 
 
 class NoisePool:
@@ -66,6 +80,8 @@ class NoisePool:
         self.x = torch.randn((size, *self.sample_shape), generator=generator)  # (N, C, H, W)
         self.t = torch.full((size,), chain_length - 1, dtype=torch.long)  # (N,)
         self.leased = torch.zeros(size, dtype=torch.bool)  # (N,)
+        self.leases: dict[int, _Outstanding] = {}
+        self.next_lease_id = 0
         self.finished = 0  # trajectories that reached t = 0 and restarted
 
     @property
@@ -92,8 +108,11 @@ class NoisePool:
 
     # One distillation step ----------------------------------------------------------------------
 
-    def take(self, batch_size: int) -> Lease:
-        """Lease ``batch_size`` samples: a random subset (dynamic) or the whole batch in order."""
+    def take(self, batch_size: int, now: float = 0.0, timeout: float = math.inf) -> Lease:
+        """Lease ``batch_size`` samples: a random subset (dynamic) or the whole batch in order.
+
+        The lease expires at ``now + timeout`` (see ``expire``); by default it never does.
+        """
         free = torch.nonzero(~self.leased).squeeze(1)
         if free.numel() < batch_size:
             raise RuntimeError(f"pool has {free.numel()} free samples, {batch_size} requested")
@@ -102,26 +121,42 @@ class NoisePool:
         else:
             ids = free[:batch_size]
         self.leased[ids] = True
-        return Lease(ids=ids, x_t=self.x[ids].clone(), t=self.t[ids].clone())
+        lease_id = self.next_lease_id
+        self.next_lease_id += 1
+        self.leases[lease_id] = _Outstanding(ids=ids, deadline=now + timeout)
+        return Lease(lease_id=lease_id, ids=ids, x_t=self.x[ids].clone(), t=self.t[ids].clone())
 
-    def put(self, ids: torch.Tensor, x_prev: torch.Tensor) -> None:
-        """Replace leased samples by their one-step-denoised versions; finished ones restart at T."""
-        if not bool(self.leased[ids].all()):
-            raise ValueError("put() of samples that are not leased: each lease is returned once")
-        if x_prev.shape != (ids.numel(), *self.sample_shape):
-            raise ValueError(f"put() got shape {tuple(x_prev.shape)} for {ids.numel()} samples")
+    def _close(self, lease_id: int) -> torch.Tensor:
+        outstanding = self.leases.pop(lease_id, None)
+        if outstanding is None:
+            raise StaleLeaseError(f"lease {lease_id} is not outstanding: already returned, released or expired")
+        self.leased[outstanding.ids] = False
+        return outstanding.ids
+
+    def put(self, lease_id: int, x_prev: torch.Tensor) -> None:
+        """Replace a lease's samples by their one-step-denoised versions; finished ones restart at T."""
+        outstanding = self.leases.get(lease_id)
+        if outstanding is not None and x_prev.shape != (outstanding.ids.numel(), *self.sample_shape):
+            raise ValueError(f"put() got shape {tuple(x_prev.shape)} for {outstanding.ids.numel()} samples")
+        ids = self._close(lease_id)
         self.x[ids] = x_prev.to(self.x.dtype)
         self.t[ids] -= 1
-        self.leased[ids] = False
         done = ids[self.t[ids] < 0]
         if done.numel():
             self.x[done] = torch.randn((done.numel(), *self.sample_shape), generator=self.generator)
             self.t[done] = self.chain_length - 1
             self.finished += done.numel()
 
-    def release(self, ids: torch.Tensor) -> None:
-        """Give leased samples back unchanged (their lease expired before the teacher's answer)."""
-        self.leased[ids] = False
+    def release(self, lease_id: int) -> None:
+        """Give a lease's samples back unchanged (the teacher holding it gave up or died)."""
+        self._close(lease_id)
+
+    def expire(self, now: float) -> list[int]:
+        """Release every lease whose deadline has passed; returns their ids."""
+        expired = [lid for lid, o in self.leases.items() if o.deadline <= now]
+        for lease_id in expired:
+            self._close(lease_id)
+        return expired
 
     # Introspection and snapshots -----------------------------------------------------------------
 
@@ -136,6 +171,8 @@ class NoisePool:
             "x": self.x.clone(),
             "t": self.t.clone(),
             "finished": torch.tensor(self.finished),
+            # Lease ids keep counting across a restore so a pre-snapshot answer can never match.
+            "next_lease_id": torch.tensor(self.next_lease_id),
             "chain_length": torch.tensor(self.chain_length),
             "generator": self.generator.get_state(),
         }
@@ -146,5 +183,7 @@ class NoisePool:
         self.x = state["x"].clone()
         self.t = state["t"].clone()
         self.leased = torch.zeros(self.x.shape[0], dtype=torch.bool)
+        self.leases = {}
         self.finished = int(state["finished"])
+        self.next_lease_id = int(state["next_lease_id"])
         self.generator.set_state(state["generator"])

@@ -199,7 +199,7 @@ class Distiller(Trainer):
         lease = self.pool.take(self.optim.batch_size)
         # 2. One teacher step gives the targets and the denoised replacements (line 8).
         batch = self.teach(lease)
-        self.pool.put(lease.ids, batch.x_prev.cpu())
+        self.pool.put(lease.lease_id, batch.x_prev.cpu())
         # 3. Lines 5-7: L*_DKDM and a gradient step.
         return self.optimizer_step(student_loss(self.model, self.chain, batch, self.vlb_weight, self.mode))
 

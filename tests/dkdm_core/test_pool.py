@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy import stats
 
-from dkdm_core.pool import NoisePool, pool_size
+from dkdm_core.pool import NoisePool, StaleLeaseError, pool_size
 
 SHAPE = (1, 2, 2)
 
@@ -55,7 +55,7 @@ def test_take_put_keeps_size_and_range_and_advances_each_sample_once() -> None:
         lease = pool.take(32)
         assert lease.ids.unique().numel() == 32
         assert torch.equal(lease.t, before_t[lease.ids])
-        pool.put(lease.ids, lease.x_t + 1)
+        pool.put(lease.lease_id, lease.x_t + 1)
         assert pool.size == 300 and pool.t.min() >= 0 and pool.t.max() <= 9
         changed = torch.nonzero(pool.t != before_t).squeeze(1)
         assert set(changed.tolist()) <= set(lease.ids.tolist())
@@ -67,7 +67,7 @@ def test_finished_samples_restart_from_fresh_noise_at_T() -> None:
     pool = make_pool("iterative", size=8, chain=3)
     for _ in range(3):
         lease = pool.take(8)
-        pool.put(lease.ids, torch.full_like(lease.x_t, 7.0))
+        pool.put(lease.lease_id, torch.full_like(lease.x_t, 7.0))
     assert pool.finished == 8
     assert torch.equal(pool.t, torch.full((8,), 2))
     assert not torch.any(pool.x == 7.0), "finished samples must be replaced by fresh noise"
@@ -80,7 +80,7 @@ def test_iterative_strategy_moves_the_whole_batch_in_lockstep() -> None:
     for _ in range(5):
         lease = pool.take(16)
         seen.append(lease.t.unique().tolist())
-        pool.put(lease.ids, lease.x_t)
+        pool.put(lease.lease_id, lease.x_t)
     assert seen == [[4], [3], [2], [1], [0]]
 
 
@@ -90,11 +90,11 @@ def test_leased_samples_are_not_handed_out_twice_until_returned() -> None:
     assert not set(a.ids.tolist()) & set(b.ids.tolist())
     with pytest.raises(RuntimeError, match="free samples"):
         pool.take(1)
-    pool.put(a.ids, a.x_t)
-    with pytest.raises(ValueError, match="not leased"):
-        pool.put(a.ids, a.x_t)
+    pool.put(a.lease_id, a.x_t)
+    with pytest.raises(StaleLeaseError, match="not outstanding"):
+        pool.put(a.lease_id, a.x_t)
     t_before = pool.t[b.ids].clone()
-    pool.release(b.ids)  # an expired lease: back unchanged, available again
+    pool.release(b.lease_id)  # back unchanged, available again
     assert torch.equal(pool.t[b.ids], t_before)
     assert pool.take(64).ids.numel() == 64
 
@@ -103,7 +103,7 @@ def test_put_rejects_wrong_shapes() -> None:
     pool = make_pool(size=10, chain=5)
     lease = pool.take(4)
     with pytest.raises(ValueError, match="shape"):
-        pool.put(lease.ids, torch.zeros(4, 1, 3, 3))
+        pool.put(lease.lease_id, torch.zeros(4, 1, 3, 3))
 
 
 def test_snapshot_continues_identically() -> None:
@@ -111,15 +111,15 @@ def test_snapshot_continues_identically() -> None:
     a.shuffle_denoise(CountingTeacher(), 64)
     for _ in range(5):
         lease = a.take(16)
-        a.put(lease.ids, lease.x_t * 0.5)
+        a.put(lease.lease_id, lease.x_t * 0.5)
     snap = a.state_dict()
     b = make_pool(size=100, chain=10, seed=99)
     b.load_state_dict(snap)
     for _ in range(20):
         la, lb = a.take(16), b.take(16)
         assert torch.equal(la.ids, lb.ids)
-        a.put(la.ids, la.x_t * 0.5)
-        b.put(lb.ids, lb.x_t * 0.5)
+        a.put(la.lease_id, la.x_t * 0.5)
+        b.put(lb.lease_id, lb.x_t * 0.5)
     assert torch.equal(a.x, b.x) and torch.equal(a.t, b.t)
     with pytest.raises(ValueError, match="chain length"):
         make_pool(size=100, chain=11).load_state_dict(snap)
@@ -131,5 +131,22 @@ def test_random_subsets_cover_the_pool_uniformly() -> None:
     for _ in range(500):
         lease = pool.take(20)
         hits[lease.ids] += 1
-        pool.put(lease.ids, lease.x_t)
+        pool.put(lease.lease_id, lease.x_t)
     assert stats.chisquare(hits.numpy()).pvalue > 1e-3
+
+
+def test_expired_leases_are_reissued_and_late_answers_refused() -> None:
+    pool = make_pool(size=32, chain=10)
+    slow = pool.take(16, now=0.0, timeout=5.0)
+    fast = pool.take(16, now=1.0, timeout=5.0)
+    pool.put(fast.lease_id, fast.x_t + 1)
+    assert pool.expire(now=4.0) == []
+    assert pool.expire(now=5.0) == [slow.lease_id]
+    t_before = pool.t.clone()
+    again = pool.take(32, now=6.0)  # the expired samples are free again
+    assert set(slow.ids.tolist()) <= set(again.ids.tolist())
+    with pytest.raises(StaleLeaseError):
+        pool.put(slow.lease_id, slow.x_t + 1)  # the dead teacher's late answer must not advance them
+    assert torch.equal(pool.t, t_before)
+    pool.put(again.lease_id, again.x_t + 1)
+    assert not pool.leased.any() and not pool.leases
