@@ -150,6 +150,10 @@ def run_training(
             if step % run.sample_every == 0 and step < total_steps and len(card.sample_shape) == 3:
                 _, samples = evaluate_model(trainer.ema.model, card, run, 64, seed)
                 save_grid(samples, out / "samples" / f"step_{step:08d}.png")
+            if run.eval_every and step % run.eval_every == 0 and step < total_steps:
+                scores, _ = evaluate_model(trainer.ema.model, card, run, run.eval_samples, seed)
+                log_file.write(json.dumps({"step": step, "eval": scores}) + "\n")
+                log_file.flush()
     bar.close()
     if not list_checkpoints(checkpoints) or list_checkpoints(checkpoints)[-1].name != f"step_{total_steps:08d}":
         checkpoint()

@@ -42,13 +42,19 @@ def distill(teacher: Path, out: Path, steps: int, *extra: str) -> None:
     )
 
 
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
 def losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())}
+    return {r["step"]: r["loss"] for r in records(out) if "loss" in r}
 
 
 def test_distill_writes_a_servable_student_and_metrics(tiny_teacher: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    distill(tiny_teacher, out, 20)
+    distill(tiny_teacher, out, 20, "--set", "run.eval_every=10")
+    evals = [r for r in records(out) if "eval" in r]
+    assert [r["step"] for r in evals] == [10] and evals[0]["eval"]["digits_fd"] > 0
     for name in ("config.json", "model.safetensors", "metrics.json", "spec.yaml", "samples/final.png"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
