@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dkdm_core.models import build_model
+from dkdm_core.models import VECTOR_MODELS, build_model
 from dkdm_core.models.unet import UNet
 from dkdm_core.spec import DiffusionSpec
 
@@ -52,7 +52,7 @@ class ModelCard(BaseModel):
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        if self.arch.startswith("mlp"):
+        if self.arch in VECTOR_MODELS:
             return (self.channels,)
         return (self.channels, self.image_size, self.image_size)
 
