@@ -29,6 +29,7 @@ def train_teacher(spec: TeacherTrainSpec, progress: bool = True) -> RunResult:
     """Data-based training of a teacher with L_hybrid (Eq. 13)."""
     if spec.run.threads:
         torch.set_num_threads(spec.run.threads)
+    check_resumable(Path(spec.out), spec.model_dump())
     torch.manual_seed(spec.seed)
     device = pick_device()
     gen = torch.Generator().manual_seed(spec.seed)

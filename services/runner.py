@@ -120,16 +120,22 @@ def run_training(
     extra_metrics: dict[str, float] | None = None,
     progress: bool = True,
 ) -> RunResult:
-    """Train to ``total_steps`` (resuming from OUT/checkpoints), then save and evaluate."""
+    """Train to ``total_steps`` (resuming from OUT/checkpoints), then save and evaluate.
+
+    Callers run ``check_resumable`` first, before any costly set-up of their own.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    check_resumable(out, spec)
     (out / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     checkpoints = out / "checkpoints"
     resumed = resume_latest(trainer, checkpoints)
 
+    saved_at = resumed
+    images = len(card.sample_shape) == 3
+
     def checkpoint() -> None:
-        step = trainer.steps_done
-        save_checkpoint(checkpoints, step, trainer.ema.model, card, trainer.state_dict())
+        nonlocal saved_at
+        saved_at = trainer.steps_done
+        save_checkpoint(checkpoints, saved_at, trainer.ema.model, card, trainer.state_dict())
         save_model(out, trainer.ema.model, card)
 
     bar = tqdm(total=total_steps, initial=resumed, disable=not progress, desc="train", dynamic_ncols=True)
@@ -147,7 +153,7 @@ def run_training(
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", mse=f"{logs['mse']:.4f}")
             if step % run.checkpoint_every == 0:
                 checkpoint()
-            if step % run.sample_every == 0 and step < total_steps and len(card.sample_shape) == 3:
+            if step % run.sample_every == 0 and step < total_steps and images:
                 _, samples = evaluate_model(trainer.ema.model, card, run, 64, seed)
                 save_grid(samples, out / "samples" / f"step_{step:08d}.png")
             if run.eval_every and step % run.eval_every == 0 and step < total_steps:
@@ -155,14 +161,14 @@ def run_training(
                 log_file.write(json.dumps({"step": step, "eval": scores}) + "\n")
                 log_file.flush()
     bar.close()
-    if not list_checkpoints(checkpoints) or list_checkpoints(checkpoints)[-1].name != f"step_{total_steps:08d}":
+    if saved_at != trainer.steps_done or not list_checkpoints(checkpoints):
         checkpoint()
     metrics, samples = evaluate_model(trainer.ema.model, card, run, run.eval_samples, seed)
     metrics["train_seconds"] = time.perf_counter() - started
     metrics["steps"] = float(trainer.steps_done)
     metrics.update(extra_metrics or {})
     metrics.update(extra_log() if extra_log else {})
-    grid = save_grid(samples[:100], out / "samples" / "final.png", nrow=10) if samples.ndim == 4 else None
+    grid = save_grid(samples[:100], out / "samples" / "final.png", nrow=10) if images else None
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     card.info["metrics"] = metrics
     save_model(out, trainer.ema.model, card)
