@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from dkdm_core.data import DatasetName
 from dkdm_core.diffusion import Sampler, Schedule
@@ -92,6 +92,23 @@ class PoolSpec(_Strict):
     chain_steps: int | None = Field(100, ge=2)
 
 
+class RayEngineSpec(_Strict):
+    """How the distributed engine lays a job out on a Ray cluster (ignored by the local engine)."""
+
+    shards: int = Field(1, ge=1, le=1024)  # PoolShard actors, each owning a slice of the pool
+    teacher_replicas: int = Field(1, ge=1, le=1024)  # TeacherReplica actors advancing the pool
+    teacher_cpus: float = Field(1.0, ge=0)  # per replica; fractions pack several replicas on one core
+    teacher_gpus: float = Field(0.0, ge=0)  # per replica; fractions share one GPU between replicas
+    students: int = Field(1, ge=1, le=1024)  # Ray Train workers (DDP ranks); each trains on b/m samples
+    student_cpus: float = Field(1.0, gt=0)
+    student_gpus: float = Field(0.0, ge=0)
+    queue_size: int = Field(4, ge=1, le=4096)  # knowledge batches buffered per rank: bounds memory and lag
+    lease_timeout_s: float = Field(60.0, gt=0)  # a lease not returned by then (dead replica) is re-issued
+    max_replica_restarts: int = Field(3, ge=0)  # dead replicas replaced before the job fails
+    max_student_failures: int = Field(3, ge=0)  # Ray Train worker-group restarts from the last checkpoint
+    starve_timeout_s: float = Field(600.0, gt=0)  # a rank with no knowledge for this long fails the job
+
+
 class TeacherTrainSpec(_Strict):
     """Data-based training with L_hybrid (Eq. 13): how the bundled teacher is made."""
 
@@ -120,8 +137,18 @@ class DistillSpec(_Strict):
     steps: int = Field(2000, ge=1)  # student optimiser steps
     seed: int = 0
     engine: Engine = "local"
+    ray: RayEngineSpec = RayEngineSpec()
     out: str = "runs/digits-dkdm"
     run: RunSpec = RunSpec()
+
+    @model_validator(mode="after")
+    def _batches_split_over_ranks(self) -> DistillSpec:
+        if self.engine == "ray" and self.optim.batch_size % self.ray.students:
+            raise ValueError(
+                f"optim.batch_size ({self.optim.batch_size}) must be a multiple of ray.students "
+                f"({self.ray.students}): each rank trains on b/m samples of the global batch b"
+            )
+        return self
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

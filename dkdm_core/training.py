@@ -216,3 +216,36 @@ class Distiller(Trainer):
         self.pool.load_state_dict(state["pool"])
         self.teacher_generator.set_state(state["teacher_generator"])
         self.teacher_calls = int(state["teacher_calls"])
+
+
+class Learner(Trainer):
+    """The student half of Algorithm 1: a gradient step on a knowledge batch made elsewhere.
+
+    ``forward`` is the module the loss runs through: the student itself, or a data-parallel wrapper
+    of it whose backward pass averages gradients over ranks. Weights, EMA and optimiser state are
+    always those of the unwrapped student, so checkpoints do not depend on how training was sharded.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        chain: GaussianDiffusion,
+        optim: OptimSpec,
+        vlb_weight: float = 0.001,
+        mode: ObjectiveMode = "dkdm",
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__(student, optim, device)
+        self.chain = chain
+        self.vlb_weight = vlb_weight
+        self.mode: ObjectiveMode = mode
+        self.forward: nn.Module = self.model
+
+    def learn(self, batch: KnowledgeBatch) -> dict[str, float]:
+        batch = KnowledgeBatch(
+            x_t=batch.x_t.to(self.device),
+            t=batch.t.to(self.device),
+            teacher_output=batch.teacher_output.to(self.device),
+            x_prev=batch.x_prev,
+        )
+        return self.optimizer_step(student_loss(self.forward, self.chain, batch, self.vlb_weight, self.mode))

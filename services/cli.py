@@ -72,7 +72,10 @@ def cmd_teacher_train(args: argparse.Namespace) -> None:
 def cmd_distill(args: argparse.Namespace) -> None:
     spec = _load_spec(DistillSpec, args)
     if spec.engine == "ray":
-        raise UsageError("the ray engine is not part of this build yet; use --engine local")
+        from services.engine import distill_ray
+
+        _print_result("distillation", distill_ray(spec, progress=not args.quiet))
+        return
     from services.local_engine import distill_local
 
     _print_result("distillation", distill_local(spec, progress=not args.quiet))

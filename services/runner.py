@@ -54,7 +54,7 @@ class RunResult:
 
 
 # Fields a resumed run may change: its length, its outputs and its bookkeeping cadence.
-RESUMABLE_CHANGES = frozenset({"steps", "out", "run", "engine"})
+RESUMABLE_CHANGES = frozenset({"steps", "out", "run", "engine", "ray"})
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -67,10 +67,15 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def check_resumable(out: Path, spec: dict[str, Any]) -> None:
-    """Refuse to resume a checkpoint made by a different job (another student, pool, seed...)."""
+def check_resumable(out: Path, spec: dict[str, Any], has_checkpoints: bool | None = None) -> None:
+    """Refuse to resume a checkpoint made by a different job (another student, pool, seed...).
+
+    ``has_checkpoints`` defaults to whether OUT/checkpoints holds any (the local layout).
+    """
     previous_path = out / "spec.yaml"
-    if not previous_path.is_file() or not list_checkpoints(out / "checkpoints"):
+    if has_checkpoints is None:
+        has_checkpoints = bool(list_checkpoints(out / "checkpoints"))
+    if not previous_path.is_file() or not has_checkpoints:
         return
     before = _flatten(yaml.safe_load(previous_path.read_text()) or {})
     after = _flatten(spec)

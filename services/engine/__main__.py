@@ -1,0 +1,70 @@
+"""Entrypoint of a distillation job on Ray, for ``ray job submit`` and the control plane.
+
+    python -m services.engine --spec configs/digits-dkdm-ray.yaml [--set steps=500] [--job-id ID]
+    python -m services.engine --job-id ID      # the spec comes from the job's record in Redis
+
+With ``--job-id`` alone the job record must already exist in the Redis named by ``DKDM_REDIS_URL``
+(the control plane writes it before submitting). Exit status: 0 done, 1 failed, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import yaml
+from pydantic import ValidationError
+
+from dkdm_core.spec import DistillSpec, load_yaml, set_dotted
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m services.engine", description=__doc__.split("\n")[0])
+    parser.add_argument("--spec", help="YAML job spec (a DistillSpec)")
+    parser.add_argument("--job-id", help="job id; with no --spec, the spec is read from the job's Redis record")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec field")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def load_spec(args: argparse.Namespace) -> DistillSpec:
+    if args.spec:
+        data = load_yaml(args.spec)
+    elif args.job_id:
+        from services.engine.store import JobStore
+
+        url = os.environ.get("DKDM_REDIS_URL")
+        if not url:
+            raise ValueError("--job-id without --spec reads the job from Redis: set DKDM_REDIS_URL")
+        data = JobStore(url, args.job_id).spec()
+    else:
+        raise ValueError("give --spec FILE or --job-id ID")
+    for item in args.set or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        set_dotted(data, key, yaml.safe_load(raw))
+    data["engine"] = "ray"
+    return DistillSpec.model_validate(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    try:
+        spec = load_spec(args)
+    except (ValueError, KeyError, FileNotFoundError, ValidationError) as exc:
+        print(f"services.engine: error: {exc}", file=sys.stderr)
+        return 2
+    from services.engine import distill_ray
+
+    result = distill_ray(spec, job_id=args.job_id, progress=not args.quiet)
+    shown = {k: round(v, 4) for k, v in result.metrics.items() if k in ("digits_fd", "digits_is", "train_seconds")}
+    print(f"distillation finished: {result.steps} steps in {result.out} {shown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

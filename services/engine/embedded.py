@@ -1,0 +1,128 @@
+"""The embedded default: a local Ray and a private ``redis-server`` when no cluster is given.
+
+With ``RAY_ADDRESS`` set, Ray connects to that cluster; with ``DKDM_REDIS_URL`` set, that Redis
+is used. Otherwise the engine starts its own: ``ray.init()`` on this machine and a real
+``redis-server`` on a free loopback port with persistence off, stopped when the job ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import ray
+import redis
+
+log = logging.getLogger(__name__)
+
+REDIS_URL_ENV = "DKDM_REDIS_URL"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A private ``redis-server`` process on 127.0.0.1; metadata only, so nothing is saved to disk."""
+
+    def __init__(self, port: int | None = None, directory: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError(
+                "redis-server is not installed: `make install` installs it (apt-get install redis-server), "
+                f"or point {REDIS_URL_ENV} at a running Redis"
+            )
+        if self.directory is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="dkdm-redis-")
+            self.directory = Path(self._tmp.name)
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args += ["--dir", str(self.directory), "--daemonize", "no", "--loglevel", "warning"]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1.0)
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self.process.poll() is not None:
+                    err = self.process.stderr.read().decode() if self.process.stderr else ""
+                    raise RuntimeError(f"redis-server exited at start: {err.strip()}") from None
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"redis-server did not answer on port {self.port}") from None
+                time.sleep(0.02)
+        client.close()
+        log.info("started redis-server on 127.0.0.1:%d", self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def redis_url() -> Iterator[str]:
+    """``DKDM_REDIS_URL`` if set, else the URL of a private redis-server living for the block."""
+    given = os.environ.get(REDIS_URL_ENV)
+    if given:
+        yield given
+        return
+    with RedisServer() as server:
+        yield server.url
+
+
+@contextlib.contextmanager
+def ray_cluster() -> Iterator[None]:
+    """Connect to ``RAY_ADDRESS`` (or the cluster a ``ray job`` runs in), else start a local Ray.
+
+    A Ray this block starts is shut down at its end; an existing connection is left alone.
+    """
+    if ray.is_initialized():
+        yield
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(namespace="dkdm", logging_level=logging.WARNING)
+    else:
+        # Workers run this interpreter, so they import the project the way the driver does. The
+        # dashboard stays on: Ray Train's state queries and `ray job submit` go through it.
+        ray.init(namespace="dkdm", logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,143 @@
+"""ReplicaLoop: what a teacher replica does all job long, over any shard and queue objects.
+
+lease a random subset from a shard → one no-grad teacher call → return the one-step-denoised
+samples to the shard → hand the knowledge batch to a student rank's bounded queue. The loop talks
+to shards and queues through two small protocols, so unit tests drive it with plain ``PoolShard``
+and ``BatchQueue`` objects and the actor drives it with proxies to remote ones.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from dkdm_core.pool import Lease
+from dkdm_core.training import KnowledgeBatch
+from services.engine.keys import lease_field
+from services.engine.replica import TeacherReplica
+from services.engine.store import JobStore
+
+HEARTBEAT_EVERY_S = 2.0
+IDLE_SLEEP_S = 0.005  # back-off while every shard's samples are leased out
+
+
+class Shard(Protocol):
+    def take(self, batch_size: int) -> Lease | None: ...
+    def put(self, lease_id: int, x_prev: torch.Tensor) -> bool: ...
+
+
+class Queue(Protocol):
+    def put(self, item: Any, timeout: float) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Knowledge:
+    """What travels to a student rank: the batch and its job-unique id (for exactly-once checks)."""
+
+    batch_id: str
+    batch: KnowledgeBatch
+
+
+class ReplicaLoop:
+    def __init__(
+        self,
+        replica: TeacherReplica,
+        shards: list[Shard],
+        queues: list[Queue],
+        batch_size: int,
+        attempt: int,
+        store: JobStore | None = None,
+        name: str = "teacher-0",
+        stop_event: threading.Event | None = None,
+    ) -> None:
+        self.replica = replica
+        self.shards = shards
+        self.queues = queues
+        self.batch_size = batch_size
+        self.attempt = attempt
+        self.store = store
+        self.name = name
+        self.stop_event = stop_event or threading.Event()
+        # Replica i starts at shard i and queue i so replicas spread over both from the first step.
+        self.next_shard = replica.index % len(shards)
+        self.next_queue = replica.index % len(queues)
+        self.delivered = 0
+        self.undelivered = 0
+        self.stale = 0
+        self._last_beat = 0.0
+
+    def lease(self) -> tuple[int, Lease] | None:
+        for offset in range(len(self.shards)):
+            k = (self.next_shard + offset) % len(self.shards)
+            lease = self.shards[k].take(self.batch_size)
+            if lease is not None:
+                self.next_shard = (k + 1) % len(self.shards)
+                return k, lease
+        return None
+
+    def deliver(self, item: Knowledge) -> bool:
+        """Put ``item`` into the next rank's queue, waiting for room until the loop is stopped."""
+        queue = self.queues[self.next_queue]
+        while not self.stop_event.is_set():
+            if queue.put(item, timeout=0.5):
+                self.next_queue = (self.next_queue + 1) % len(self.queues)
+                return True
+        return False
+
+    def step(self) -> bool:
+        """One lease → teacher call → return → hand-off; False when no shard had samples to lease."""
+        t0 = time.perf_counter()
+        taken = self.lease()
+        t1 = time.perf_counter()
+        if taken is None:
+            return False
+        k, lease = taken
+        if self.store is not None:
+            self.store.open_lease(k, lease.lease_id, self.name)
+        batch = self.replica.teach(lease)
+        t2 = time.perf_counter()
+        accepted = self.shards[k].put(lease.lease_id, batch.x_prev)
+        t3 = time.perf_counter()
+        delivered = False
+        if accepted:
+            delivered = self.deliver(Knowledge(f"{self.attempt}:{lease_field(k, lease.lease_id)}", batch))
+        else:
+            self.stale += 1  # the lease expired and was re-issued: this answer must not count
+        t4 = time.perf_counter()
+        self.delivered += delivered
+        self.undelivered += accepted and not delivered
+        if self.store is not None:
+            b = lease.ids.numel()
+            self.store.close_lease(
+                k,
+                lease.lease_id,
+                teacher_calls=1,
+                teacher_evaluations=b,
+                samples_advanced=b if accepted else 0,
+                batches_produced=int(delivered),
+                batches_dropped=int(accepted and not delivered),
+                stale_returns=int(not accepted),
+                teacher_busy_seconds=t2 - t1,
+                lease_seconds=t1 - t0,
+                return_seconds=t3 - t2,
+                queue_put_seconds=t4 - t3,
+            )
+        return True
+
+    def beat(self) -> None:
+        now = time.monotonic()
+        if self.store is not None and now - self._last_beat >= HEARTBEAT_EVERY_S:
+            self.store.heartbeat(self.name, delivered=self.delivered)
+            self._last_beat = now
+
+    def run(self) -> dict[str, int]:
+        """Loop until ``stop_event`` is set; returns what this replica did."""
+        while not self.stop_event.is_set():
+            if not self.step():
+                time.sleep(IDLE_SLEEP_S)
+            self.beat()
+        return {"delivered": self.delivered, "undelivered": self.undelivered, "stale": self.stale}

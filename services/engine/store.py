@@ -1,0 +1,176 @@
+"""Job metadata in Redis: the job record, counters, heartbeats, shard stats, leases and control.
+
+Every read and write of the engine's Redis keys goes through ``JobStore`` (the key names are in
+``keys``). Components (driver, replicas, student ranks) each open their own ``JobStore`` from the
+Redis URL and the job id they were given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from typing import Any
+
+import redis
+
+from services.engine import keys
+
+_SOCKET_TIMEOUT_S = 10.0
+
+
+def connect(url: str) -> redis.Redis:
+    """A client for ``url`` that answers str, not bytes; fails fast when Redis is not there."""
+    client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=_SOCKET_TIMEOUT_S)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise ConnectionError(f"cannot reach Redis at {url}: {exc}") from exc
+    return client
+
+
+class JobStore:
+    """One job's metadata."""
+
+    def __init__(self, url: str, job_id: str, client: redis.Redis | None = None) -> None:
+        self.url = url
+        self.job_id = job_id
+        self.r = client if client is not None else connect(url)
+
+    # The job record -------------------------------------------------------------------------------
+
+    def create(self, spec: dict[str, Any], state: keys.JobState = "PENDING", **fields: Any) -> bool:
+        """Write a new job record; False (and no change) if the job already exists."""
+        now = time.time()
+        record = {"state": state, "spec": json.dumps(spec), "created": now, "updated": now, **fields}
+        if not self.r.hsetnx(keys.job(self.job_id), "created", now):
+            return False
+        pipe = self.r.pipeline()
+        pipe.hset(keys.job(self.job_id), mapping={k: _encode(v) for k, v in record.items()})
+        pipe.zadd(keys.jobs_index(), {self.job_id: now})
+        pipe.execute()
+        return True
+
+    def exists(self) -> bool:
+        return bool(self.r.exists(keys.job(self.job_id)))
+
+    def record(self) -> dict[str, str]:
+        return self.r.hgetall(keys.job(self.job_id))
+
+    def spec(self) -> dict[str, Any]:
+        raw = self.r.hget(keys.job(self.job_id), "spec")
+        if raw is None:
+            raise KeyError(f"job {self.job_id} has no record in Redis")
+        return json.loads(raw)
+
+    def state(self) -> str | None:
+        return self.r.hget(keys.job(self.job_id), "state")
+
+    def update(self, **fields: Any) -> None:
+        mapping = {k: _encode(v) for k, v in fields.items()}
+        self.r.hset(keys.job(self.job_id), mapping={**mapping, "updated": time.time()})
+
+    def set_state(self, state: keys.JobState, **fields: Any) -> None:
+        self.update(state=state, **fields)
+
+    def next_attempt(self) -> int:
+        """Count driver starts of this job; batch ids carry it so a resumed run never reuses one."""
+        return int(self.r.hincrby(keys.job(self.job_id), "attempts", 1))
+
+    # Counters and metrics -------------------------------------------------------------------------
+
+    def add(self, **amounts: float) -> None:
+        """Add to counters in one round trip (ints with HINCRBY, floats with HINCRBYFLOAT)."""
+        pipe = self.r.pipeline(transaction=False)
+        for name, amount in amounts.items():
+            if isinstance(amount, int):
+                pipe.hincrby(keys.counters(self.job_id), name, amount)
+            else:
+                pipe.hincrbyfloat(keys.counters(self.job_id), name, amount)
+        pipe.execute()
+
+    def counters(self) -> dict[str, float]:
+        raw = self.r.hgetall(keys.counters(self.job_id))
+        return {name: float(raw.get(name, 0)) for name in sorted(set(keys.COUNTERS) | raw.keys())}
+
+    def set_metrics(self, values: dict[str, float]) -> None:
+        if values:
+            self.r.hset(keys.metrics(self.job_id), mapping={k: _encode(v) for k, v in values.items()})
+
+    def metrics(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.r.hgetall(keys.metrics(self.job_id)).items()}
+
+    # Knowledge batches: exactly once ------------------------------------------------------------
+
+    def consume(self, batch_id: str) -> bool:
+        """Record that a rank trained on ``batch_id``; False if some rank already had."""
+        pipe = self.r.pipeline()
+        pipe.sadd(keys.consumed(self.job_id), batch_id)
+        pipe.hincrby(keys.counters(self.job_id), "batches_consumed", 1)
+        added, _ = pipe.execute()
+        return bool(added)
+
+    def consumed_count(self) -> int:
+        return int(self.r.scard(keys.consumed(self.job_id)))
+
+    # Pool shards and leases ----------------------------------------------------------------------
+
+    def set_shard(self, index: int, stats: dict[str, Any]) -> None:
+        self.r.hset(keys.shards(self.job_id), str(index), json.dumps(stats))
+
+    def shards(self) -> dict[int, dict[str, Any]]:
+        return {int(k): json.loads(v) for k, v in self.r.hgetall(keys.shards(self.job_id)).items()}
+
+    def open_lease(self, shard: int, lease_id: int, replica: str) -> None:
+        info = json.dumps({"replica": replica, "taken": time.time()})
+        self.r.hset(keys.leases(self.job_id), keys.lease_field(shard, lease_id), info)
+
+    def close_lease(self, shard: int, lease_id: int, **counters: float) -> None:
+        """Drop a lease from the table and add the step's counters, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hdel(keys.leases(self.job_id), keys.lease_field(shard, lease_id))
+        for name, amount in counters.items():
+            if isinstance(amount, int):
+                pipe.hincrby(keys.counters(self.job_id), name, amount)
+            else:
+                pipe.hincrbyfloat(keys.counters(self.job_id), name, amount)
+        pipe.execute()
+
+    def drop_leases(self, fields: list[str]) -> None:
+        if fields:
+            self.r.hdel(keys.leases(self.job_id), *fields)
+
+    def leases(self) -> dict[str, dict[str, Any]]:
+        return {k: json.loads(v) for k, v in self.r.hgetall(keys.leases(self.job_id)).items()}
+
+    # Control requests and heartbeats --------------------------------------------------------------
+
+    def request(self, **fields: Any) -> None:
+        """Ask the running job for something: ``cancel=1``, ``teacher_replicas=N``."""
+        self.r.hset(keys.control(self.job_id), mapping={k: _encode(v) for k, v in fields.items()})
+
+    def control(self) -> dict[str, str]:
+        return self.r.hgetall(keys.control(self.job_id))
+
+    def cancel_requested(self) -> bool:
+        return self.r.hget(keys.control(self.job_id), "cancel") == "1"
+
+    def heartbeat(self, component: str, **info: Any) -> None:
+        value = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), **info})
+        self.r.set(keys.heartbeat(self.job_id, component), value, ex=keys.HEARTBEAT_TTL_S)
+
+    def heartbeats(self) -> dict[str, dict[str, Any]]:
+        prefix = keys.heartbeat(self.job_id, "")
+        found = {}
+        for key in self.r.scan_iter(match=prefix + "*"):
+            value = self.r.get(key)
+            if value is not None:
+                found[key[len(prefix) :]] = json.loads(value)
+        return found
+
+
+def _encode(value: Any) -> str | int | float:
+    if isinstance(value, (int, float, str)):
+        return value
+    return json.dumps(value)

@@ -1,0 +1,229 @@
+"""Student ranks on Ray Train: each consumes its own queue of knowledge batches and learns L*_DKDM.
+
+``StudentLoop`` is the plain loop object (step, save, restore) that unit tests drive with a local
+queue; ``train_loop_per_worker`` is the short Ray Train function around it. Ranks split the global
+batch b into b/m per rank; with m > 1 the student is wrapped in DistributedDataParallel, whose
+all-reduce averages the per-rank gradients into the gradient of the mean over all b samples, so the
+update does not depend on how the batch was sharded.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from dkdm_core.checkpoint import ModelCard, load_train_state, save_checkpoint, save_model
+from dkdm_core.diffusion import make_diffusion
+from dkdm_core.models import build_model
+from dkdm_core.spec import DistillSpec
+from dkdm_core.training import Learner
+from services.engine.loop import Knowledge
+from services.engine.store import JobStore
+
+Fetch = Callable[[float], Knowledge | None]
+FETCH_SLICE_S = 1.0  # how long one wait on the queue lasts before control requests are checked
+
+
+class JobAborted(RuntimeError):
+    """The driver gave up on the job (e.g. no teacher replica left); ranks stop at once."""
+
+
+class StudentLoop:
+    def __init__(
+        self,
+        learner: Learner,
+        card: ModelCard,
+        spec: DistillSpec,
+        fetch: Fetch,
+        rank: int = 0,
+        store: JobStore | None = None,
+        shard_states: Callable[[], dict[int, Any]] | None = None,
+        out: Path | None = None,
+    ) -> None:
+        self.learner = learner
+        self.card = card
+        self.spec = spec
+        self.fetch = fetch
+        self.rank = rank
+        self.store = store
+        self.shard_states = shard_states
+        self.out = out
+        self.wait_seconds = 0.0
+        self.busy_seconds = 0.0
+        self.started = time.perf_counter()
+        self.last_logs: dict[str, float] = {}
+
+    @classmethod
+    def build(cls, spec: DistillSpec, card: ModelCard, device: torch.device, **kwargs: Any) -> StudentLoop:
+        """The student as the local engine builds it: same seed, same initial weights, same chain."""
+        torch.manual_seed(spec.seed)
+        student = build_model(spec.student.arch, card.channels, card.image_size, card.learn_sigma)
+        diff = card.diffusion
+        chain = make_diffusion(diff.schedule, diff.num_timesteps, card.learn_sigma, respacing=spec.pool.chain_steps)
+        learner = Learner(student, chain, spec.optim, spec.vlb_weight, spec.objective, device)
+        return cls(learner, card, spec, **kwargs)
+
+    @property
+    def steps_done(self) -> int:
+        return self.learner.steps_done
+
+    def next_batch(self) -> Knowledge:
+        """Wait for this rank's next knowledge batch; fail loudly if none comes for too long."""
+        start = time.perf_counter()
+        while True:
+            item = self.fetch(FETCH_SLICE_S)
+            if item is not None:
+                self.wait_seconds += time.perf_counter() - start
+                return item
+            if self.store is not None and self.store.control().get("abort"):
+                raise JobAborted(f"job aborted by the driver: {self.store.control()['abort']}")
+            if time.perf_counter() - start > self.spec.ray.starve_timeout_s:
+                raise RuntimeError(f"rank {self.rank}: no knowledge batch for {self.spec.ray.starve_timeout_s:.0f} s")
+
+    def step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        item = self.next_batch()
+        if self.store is not None and not self.store.consume(item.batch_id):
+            raise RuntimeError(f"knowledge batch {item.batch_id} was delivered twice")
+        t1 = time.perf_counter()
+        logs = self.learner.learn(item.batch)
+        t2 = time.perf_counter()
+        self.busy_seconds += t2 - t1
+        if self.store is not None:
+            self.store.add(
+                student_steps_total=int(self.rank == 0), student_wait_seconds=t1 - t0, student_busy_seconds=t2 - t1
+            )
+        self.last_logs = logs
+        return logs
+
+    def idle_fraction(self) -> float:
+        wall = time.perf_counter() - self.started
+        return self.wait_seconds / wall if wall > 0 else 0.0
+
+    def log(self, logs: dict[str, float]) -> None:
+        """Rank 0 appends to OUT/log.jsonl (the local engine's format) and publishes to Redis."""
+        record = {
+            "step": self.steps_done,
+            **logs,
+            "idle_fraction": self.idle_fraction(),
+            "elapsed_s": time.perf_counter() - self.started,
+        }
+        if self.store is not None:
+            self.store.set_metrics({k: v for k, v in record.items() if k != "step"})
+            self.store.update(step=self.steps_done)
+        if self.out is not None:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def stop_requested(self) -> bool:
+        return bool(self.store is not None and self.store.cancel_requested())
+
+    def save(self, root: Path) -> Path:
+        """A checkpoint folder: EMA model + student/optimiser/EMA/step + a snapshot of every pool shard."""
+        state = self.learner.state_dict()
+        state["pool_shards"] = self.shard_states() if self.shard_states is not None else {}
+        path = save_checkpoint(root, self.steps_done, self.learner.ema.model, self.card, state)
+        if self.out is not None:
+            save_model(self.out, self.learner.ema.model, self.card)
+        return path
+
+    def restore(self, directory: Path) -> None:
+        self.learner.load_state_dict(load_train_state(directory))
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on any (all ranks must stop at the same step)."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+class RemoteFetch:
+    """Fetch from a BatchQueueActor, keeping one get in flight so the next batch arrives during a step."""
+
+    def __init__(self, handle: Any, store: JobStore | None) -> None:
+        self.handle = handle
+        self.store = store
+        self.pending: Any = None
+
+    def __call__(self, timeout: float) -> Knowledge | None:
+        if self.pending is None:
+            self.pending = self.handle.get.remote(timeout)
+        ready, _ = ray.wait([self.pending], timeout=timeout + 5.0)
+        if not ready:
+            return None
+        item = ray.get(self.pending)
+        self.pending = self.handle.get.remote(FETCH_SLICE_S) if item is not None else None
+        return item
+
+    def drop_pending(self) -> None:
+        """At the end: a prefetched batch nobody will train on is counted as dropped."""
+        if self.pending is not None and ray.get(self.pending) is not None and self.store is not None:
+            self.store.add(batches_dropped=1)
+        self.pending = None
+
+
+def _report(loop: StudentLoop, rank: int) -> None:
+    metrics = {"step": loop.steps_done, **loop.last_logs}
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory(prefix="dkdm-ckpt-") as tmp:
+        path = loop.save(Path(tmp))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One student rank: restore, then consume knowledge batches until the step budget is spent."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    spec = DistillSpec.model_validate(config["spec"])
+    card = ModelCard.model_validate(config["card"])
+    torch.set_num_threads(config["threads"])
+    store = JobStore(config["redis_url"], config["job_id"])
+    shards = config["shards"]
+    fetch = RemoteFetch(config["queues"][rank], store)
+    loop = StudentLoop.build(
+        spec,
+        card,
+        ray.train.torch.get_device(),
+        fetch=fetch,
+        rank=rank,
+        store=store,
+        shard_states=lambda: dict(enumerate(ray.get([s.state_dict.remote() for s in shards]))),
+        out=Path(config["out"]) if rank == 0 else None,
+    )
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            loop.restore(Path(directory))
+    if world > 1:
+        loop.learner.forward = torch.nn.parallel.DistributedDataParallel(loop.learner.model)
+    store.heartbeat(f"student-{rank}", step=loop.steps_done)
+    run = spec.run
+    while loop.steps_done < spec.steps:
+        logs = loop.step()
+        step = loop.steps_done
+        stop = False
+        if step % run.log_every == 0 or step == spec.steps:
+            store.heartbeat(f"student-{rank}", step=step)
+            if rank == 0:
+                loop.log(logs)
+            stop = _any_rank(loop.stop_requested())
+        if step % run.checkpoint_every == 0 or step == spec.steps or stop:
+            _report(loop, rank)
+        if stop:
+            break
+    fetch.drop_pending()

@@ -1,0 +1,55 @@
+"""Fixtures of the engine tests: a real redis-server and a real local Ray, started once per session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dkdm_core.spec import DistillSpec
+from services.engine.embedded import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    with RedisServer() as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A local Ray for the whole session with 4 logical CPUs (2 physical cores here: tests
+    oversubscribe on purpose so 2 replicas and a student fit). Stopped at the end of the session."""
+    import ray
+
+    os.environ.setdefault("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
+    ray.init(num_cpus=4, namespace="dkdm", include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def engine_spec(teacher: Path, out: Path, **overrides: Any) -> DistillSpec:
+    """A small Ray-engine job on the tiny teacher: 10-step chain, b = 16, pool of 64 samples."""
+    data: dict[str, Any] = {
+        "teacher": str(teacher),
+        "student": {"arch": "unet-tiny"},
+        "pool": {"strategy": "dynamic", "rho": 0.4, "chain_steps": 10},
+        "optim": {"batch_size": 16, "lr": 1e-3, "warmup_steps": 5},
+        "teacher_batch_size": 64,
+        "steps": 30,
+        "seed": 3,
+        "engine": "ray",
+        "out": str(out),
+        "run": {"log_every": 1, "checkpoint_every": 10, "eval_samples": 16, "sample_steps": 5, "threads": 1},
+        "ray": {"teacher_cpus": 1, "queue_size": 2, "lease_timeout_s": 30},
+    }
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return DistillSpec.model_validate(data)

@@ -1,0 +1,127 @@
+"""The engine's plain parts without Ray: shards, queues, the replica loop, the student loop, JobStore
+against a real redis-server, and the invariant that ties them to the local engine."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dkdm_core.checkpoint import read_card
+from dkdm_core.pool import pool_size
+from services.engine import keys
+from services.engine.batch_queue import BatchQueue
+from services.engine.loop import ReplicaLoop
+from services.engine.replica import TeacherReplica, replica_seed
+from services.engine.shard import PoolShard, shard_seed, shard_sizes
+from services.engine.store import JobStore
+from services.engine.student import StudentLoop
+from services.local_engine import build_distiller
+from tests.services.engine.conftest import engine_spec
+
+
+def test_shard_sizes_cover_the_pool() -> None:
+    assert shard_sizes(10, 3) == [4, 3, 3]
+    assert sum(shard_sizes(2560, 7)) == 2560
+    assert shard_seed(5, 0) == 5 and replica_seed(5, 0, 0) == 6  # shard 0 / replica 0 = the local engine
+
+
+def make_shard(size: int = 8, timeout: float = 60.0) -> PoolShard:
+    shard = PoolShard(0, "dynamic", size, (1, 2, 2), chain_length=5, seed=0, lease_timeout_s=timeout)
+    shard.ready = True
+    return shard
+
+
+def test_shard_refuses_until_ready_and_when_too_few_are_free() -> None:
+    shard = PoolShard(0, "dynamic", 8, (1, 2, 2), chain_length=5, seed=0, lease_timeout_s=60)
+    assert shard.take(4) is None  # not initialised yet
+    shard.ready = True
+    a, b = shard.take(4), shard.take(4)
+    assert a is not None and b is not None
+    assert shard.take(1) is None  # all 8 leased out
+    assert shard.put(a.lease_id, a.x_t)
+    assert shard.take(4) is not None
+
+
+def test_expired_lease_is_reissued_and_its_late_answer_refused() -> None:
+    shard = make_shard(size=4, timeout=0.05)
+    lease = shard.take(4)
+    assert lease is not None and shard.take(4) is None
+    time.sleep(0.06)
+    again = shard.take(4)  # the dead holder's samples are free again, unadvanced
+    assert again is not None and sorted(again.ids.tolist()) == sorted(lease.ids.tolist())
+    assert torch.equal(again.t, lease.t)
+    assert not shard.put(lease.lease_id, lease.x_t)  # the late answer does not advance anything
+    assert shard.put(again.lease_id, again.x_t)
+    stats = shard.stats()
+    assert stats["expired"] == 1 and stats["stale"] == 1 and stats["advanced"] == 4 and stats["size"] == 4
+
+
+def test_batch_queue_is_bounded_and_wakes_waiters() -> None:
+    q = BatchQueue(2)
+    assert q.put(1, 0.01) and q.put(2, 0.01)
+    assert not q.put(3, 0.01)  # full: the producer is told, nothing is lost
+    assert q.get(0.01) == 1 and q.put(3, 0.01)
+    assert [q.get(0.01), q.get(0.01), q.get(0.01)] == [2, 3, None]
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(q.get(5.0)))
+    waiter.start()
+    q.put("x", 0.01)
+    waiter.join(5)
+    assert got == ["x"]
+    assert q.close() == 0 and not q.put(4, 0.01)
+
+
+def test_replica_and_student_loops_reproduce_the_local_engine(tiny_teacher: Path, tmp_path: Path) -> None:
+    """Teacher half and student half run as separate objects joined by a queue give the local
+    engine's Algorithm 1 bit for bit: the same pool draws, teacher noise, batches and losses."""
+    spec = engine_spec(tiny_teacher, tmp_path / "out")
+    distiller, card, _ = build_distiller(spec, torch.device("cpu"))
+    distiller.init_pool(spec.teacher_batch_size)
+    expected = [distiller.step()["loss"] for _ in range(12)]
+
+    replica = TeacherReplica(str(tiny_teacher), spec.pool.chain_steps, spec.seed, index=0)
+    size = pool_size("dynamic", spec.optim.batch_size, 10, spec.pool.rho)
+    shard = PoolShard(0, "dynamic", size, (1, 8, 8), 10, spec.seed, lease_timeout_s=60)
+    state, spent = replica.init_shard(0, "dynamic", size, spec.teacher_batch_size)
+    shard.load_state_dict(state)
+    assert spent > 0
+    queue = BatchQueue(2)
+    loop = ReplicaLoop(replica, [shard], [queue], spec.optim.batch_size, attempt=1)
+    student = StudentLoop.build(spec, read_card(tiny_teacher), torch.device("cpu"), fetch=queue.get)
+    got = []
+    for _ in range(12):
+        assert loop.step()
+        got.append(student.step()["loss"])
+    assert got == expected
+    assert torch.equal(shard.pool.x, distiller.pool.x) and torch.equal(shard.pool.t, distiller.pool.t)
+
+
+def test_job_store_on_a_real_redis(redis_url: str) -> None:
+    store = JobStore(redis_url, "unit-job")
+    assert store.create({"steps": 3}, state="PENDING")
+    assert not store.create({"steps": 4})  # an existing record is never overwritten
+    assert store.spec() == {"steps": 3} and store.state() == "PENDING"
+    store.set_state("RUNNING", step=2)
+    assert store.record()["step"] == "2"
+    assert store.next_attempt() == 1 and store.next_attempt() == 2
+    store.add(teacher_calls=2, teacher_busy_seconds=0.5)
+    store.add(teacher_calls=3)
+    counters = store.counters()
+    assert counters["teacher_calls"] == 5 and counters["teacher_busy_seconds"] == pytest.approx(0.5)
+    assert set(keys.COUNTERS) <= counters.keys()
+    assert store.consume("1:0:7") and not store.consume("1:0:7")
+    assert store.consumed_count() == 1
+    store.open_lease(0, 7, "teacher-0")
+    assert store.leases()["0:7"]["replica"] == "teacher-0"
+    store.close_lease(0, 7, samples_advanced=16)
+    assert store.leases() == {} and store.counters()["samples_advanced"] == 16
+    store.request(cancel=1)
+    assert store.cancel_requested()
+    store.heartbeat("teacher-0", delivered=1)
+    assert store.heartbeats()["teacher-0"]["delivered"] == 1
+    assert 0 < store.r.ttl(keys.heartbeat("unit-job", "teacher-0")) <= keys.HEARTBEAT_TTL_S
+    assert all(k.startswith("dkdm:job:unit-job") for k in store.r.keys("dkdm:job:*"))
