@@ -346,6 +346,7 @@ def run_job(spec: DistillSpec, job_id: str, redis_url: str, progress: bool = Tru
             engine.stop_replicas()
             supervisor.join()
             bar.close()
+        engine.publish_shards()  # the final pool bookkeeping, with every replica stopped
         stats["train_seconds"] = time.perf_counter() - started
         if result.checkpoint is None:
             raise RuntimeError("the student finished without a checkpoint")

@@ -102,29 +102,30 @@ class ReplicaLoop:
         t2 = time.perf_counter()
         accepted = self.shards[k].put(lease.lease_id, batch.x_prev)
         t3 = time.perf_counter()
-        delivered = False
-        if accepted:
-            delivered = self.deliver(Knowledge(f"{self.attempt}:{lease_field(k, lease.lease_id)}", batch))
-        else:
-            self.stale += 1  # the lease expired and was re-issued: this answer must not count
-        t4 = time.perf_counter()
-        self.delivered += delivered
-        self.undelivered += accepted and not delivered
-        if self.store is not None:
-            b = lease.ids.numel()
+        b = lease.ids.numel()
+        if self.store is not None:  # the lease is closed in the shard: close it in the table too
             self.store.close_lease(
                 k,
                 lease.lease_id,
                 teacher_calls=1,
                 teacher_evaluations=b,
                 samples_advanced=b if accepted else 0,
-                batches_produced=int(delivered),
-                batches_dropped=int(accepted and not delivered),
                 stale_returns=int(not accepted),
                 teacher_busy_seconds=t2 - t1,
                 lease_seconds=t1 - t0,
                 return_seconds=t3 - t2,
-                queue_put_seconds=t4 - t3,
+            )
+        if not accepted:
+            self.stale += 1  # the lease expired and was re-issued: this answer must not count
+            return True
+        delivered = self.deliver(Knowledge(f"{self.attempt}:{lease_field(k, lease.lease_id)}", batch))
+        self.delivered += delivered
+        self.undelivered += not delivered
+        if self.store is not None:
+            self.store.add(
+                batches_produced=int(delivered),
+                batches_dropped=int(not delivered),
+                queue_put_seconds=time.perf_counter() - t3,
             )
         return True
 

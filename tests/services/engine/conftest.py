@@ -26,7 +26,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     import ray
 
     os.environ.setdefault("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
-    ray.init(num_cpus=4, namespace="dkdm", include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=4, namespace="dkdm", logging_level="WARNING")
     yield
     ray.shutdown()
 

@@ -79,7 +79,7 @@ def test_replica_and_student_loops_reproduce_the_local_engine(tiny_teacher: Path
     """Teacher half and student half run as separate objects joined by a queue give the local
     engine's Algorithm 1 bit for bit: the same pool draws, teacher noise, batches and losses."""
     spec = engine_spec(tiny_teacher, tmp_path / "out")
-    distiller, card, _ = build_distiller(spec, torch.device("cpu"))
+    distiller, _, _ = build_distiller(spec, torch.device("cpu"))
     distiller.init_pool(spec.teacher_batch_size)
     expected = [distiller.step()["loss"] for _ in range(12)]
 

@@ -1,0 +1,173 @@
+"""The Ray engine end to end on a real local Ray and a real redis-server: its invariants."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import torch
+
+from dkdm_core.checkpoint import load_train_state
+from dkdm_core.pool import pool_size
+from dkdm_core.spec import DistillSpec
+from services.engine.driver import NAMESPACE, actor_name, ray_checkpoints, run_job
+from services.engine.store import JobStore
+from services.local_engine import distill_local
+from services.runner import RunResult
+from tests.services.engine.conftest import engine_spec
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+
+def logged(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+class Background:
+    """A job run in a thread, so the test can watch it in Redis and break things meanwhile."""
+
+    def __init__(self, spec: DistillSpec, job_id: str, redis_url: str) -> None:
+        self.store = JobStore(redis_url, job_id)
+        self.result: RunResult | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(spec, job_id, redis_url), daemon=True)
+        self.thread.start()
+
+    def _run(self, spec: DistillSpec, job_id: str, redis_url: str) -> None:
+        try:
+            self.result = run_job(spec, job_id, redis_url, progress=False)
+        except BaseException as exc:
+            self.error = exc
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float = 240.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.thread.is_alive(), f"job ended early: {self.error!r}"
+            assert time.monotonic() < deadline, "timed out waiting on the job"
+            time.sleep(0.05)
+
+    def step(self) -> int:
+        return int(self.store.record().get("step", 0))
+
+    def join(self, timeout: float = 300.0) -> RunResult:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "job did not finish"
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+def assert_pool_consistent(store: JobStore, spec: DistillSpec, advanced_before: int = 0) -> None:
+    """Pool size constant, t on the chain, no lease left open, every advance accounted for
+    (``advanced_before``: samples the pool snapshot a resumed job started from had advanced)."""
+    shards = store.shards()
+    chain = spec.pool.chain_steps
+    assert chain is not None
+    assert sum(s["size"] for s in shards.values()) == pool_size("dynamic", spec.optim.batch_size, chain, spec.pool.rho)
+    assert all(0 <= s["t_min"] <= s["t_max"] < chain for s in shards.values())
+    assert all(s["outstanding"] == 0 and s["leased_samples"] == 0 for s in shards.values())
+    c = store.counters()
+    assert sum(s["advanced"] for s in shards.values()) == advanced_before + c["samples_advanced"]
+    accepted = c["teacher_calls"] - c["stale_returns"]
+    assert c["samples_advanced"] == accepted * spec.optim.batch_size // spec.ray.students
+    assert store.leases() == {}
+
+
+def test_matches_the_local_engine_and_every_batch_is_used_once(
+    ray_cluster: None, redis_url: str, tiny_teacher: Path, tmp_path: Path
+) -> None:
+    spec = engine_spec(tiny_teacher, tmp_path / "ray", steps=20)
+    result = run_job(spec, "repro", redis_url, progress=False)
+    threads = torch.get_num_threads()
+    try:
+        distill_local(spec.model_copy(update={"engine": "local", "out": str(tmp_path / "local")}), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    ray_losses = [r["loss"] for r in logged(tmp_path / "ray")]
+    local_losses = [r["loss"] for r in logged(tmp_path / "local") if "loss" in r]
+    assert len(ray_losses) == 20 and ray_losses == local_losses  # 1 teacher, 1 student, same seed: identical
+
+    store = JobStore(redis_url, "repro")
+    assert store.state() == "SUCCEEDED" and result.steps == 20
+    c = store.counters()
+    # Exactly once: each step trained on one batch, no batch twice, every produced batch accounted for.
+    assert c["student_steps_total"] == c["batches_consumed"] == store.consumed_count() == 20
+    assert c["teacher_calls"] - c["stale_returns"] == c["batches_consumed"] + c["batches_dropped"]
+    assert_pool_consistent(store, spec)
+    metrics = json.loads((tmp_path / "ray" / "metrics.json").read_text())
+    assert metrics["steps"] == 20 and "digits_fd" in metrics and 0 <= metrics["student_idle_fraction"] < 1
+    assert (tmp_path / "ray" / "model.safetensors").is_file()
+
+
+def test_a_killed_teacher_replica_is_replaced_and_its_lease_reissued(
+    ray_cluster: None, redis_url: str, tiny_teacher: Path, tmp_path: Path
+) -> None:
+    spec = engine_spec(
+        tiny_teacher,
+        tmp_path / "out",
+        steps=100,
+        ray__teacher_replicas=2,
+        ray__teacher_cpus=0.5,
+        ray__lease_timeout_s=2.0,
+        run__log_every=5,
+        run__checkpoint_every=50,
+    )
+    job = Background(spec, "kill-teacher", redis_url)
+    # Kill replica 0 while it holds a lease (the lease table in Redis says who holds what).
+    job.wait_for(lambda: job.step() >= 10 and any(v["replica"] == "teacher-0" for v in job.store.leases().values()))
+    ray.kill(ray.get_actor(actor_name("kill-teacher", "teacher", 0), namespace=NAMESPACE), no_restart=True)
+    result = job.join()
+    assert result.steps == 100 and job.store.state() == "SUCCEEDED"
+    c = job.store.counters()
+    assert c["replica_restarts"] >= 1 and c["leases_expired"] >= 1
+    assert c["batches_consumed"] == job.store.consumed_count() == 100
+    assert_pool_consistent(job.store, spec)
+
+
+def test_a_killed_student_worker_restarts_from_its_checkpoint(
+    ray_cluster: None, redis_url: str, tiny_teacher: Path, tmp_path: Path
+) -> None:
+    spec = engine_spec(tiny_teacher, tmp_path / "out", steps=60, run__checkpoint_every=20, ray__teacher_cpus=0.5)
+    job = Background(spec, "kill-student", redis_url)
+    job.store.request(teacher_replicas=2)  # scale the teacher side up while the job runs
+    job.wait_for(lambda: "teacher-1" in job.store.heartbeats() and job.step() >= 28)
+    os.kill(job.store.heartbeats()["student-0"]["pid"], signal.SIGKILL)
+    result = job.join()
+    assert result.steps == 60 and job.store.state() == "SUCCEEDED"
+    steps = [r["step"] for r in logged(tmp_path / "out")]
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[restart] == 21  # resumed after the step-20 checkpoint
+    c = job.store.counters()
+    assert c["student_steps_total"] > 60  # steps after the checkpoint were redone
+    assert c["batches_consumed"] == job.store.consumed_count()  # ... on fresh batches, none twice
+
+
+def test_cancel_then_resume_continues_student_and_pool(
+    ray_cluster: None, redis_url: str, tiny_teacher: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    spec = engine_spec(tiny_teacher, out, steps=1000, run__checkpoint_every=500)
+    job = Background(spec, "resume-1", redis_url)
+    job.wait_for(lambda: job.step() >= 15)
+    job.store.request(cancel=1)
+    stopped = job.join()
+    assert job.store.state() == "CANCELLED" and 15 <= stopped.steps < 1000
+    snapshot = load_train_state(ray_checkpoints(out / "ray_train")[-1])
+    assert snapshot["steps_done"] == stopped.steps  # cancelling saved a checkpoint where it stopped
+    advanced_before = sum(s["advanced"] for s in snapshot["pool_shards"].values())
+
+    resumed = run_job(spec.model_copy(update={"steps": stopped.steps + 10}), "resume-2", redis_url, progress=False)
+    assert resumed.steps == stopped.steps + 10
+    steps = [r["step"] for r in logged(out)]
+    assert steps[steps.index(stopped.steps) + 1] == stopped.steps + 1  # the student continues
+    # The pool continues from the snapshot: its advance count goes on from there.
+    assert_pool_consistent(JobStore(redis_url, "resume-2"), spec, advanced_before)
