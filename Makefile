@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint typecheck pytest install clean
+.PHONY: demo test lint typecheck pytest install redis-server clean
 
 $(BIN)/dkdm: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,15 @@ $(BIN)/dkdm: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(BIN)/dkdm
 
-install: $(BIN)/dkdm
+# The Ray engine keeps job metadata in a real Redis; the embedded default starts a private
+# redis-server, so the project's setup installs one (Debian/Ubuntu package) when it is missing.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get install -y --no-install-recommends redis-server >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -q && $$SUDO apt-get install -y --no-install-recommends redis-server; }; }
+
+install: $(BIN)/dkdm redis-server
 
 demo: install
 	$(BIN)/dkdm distill --config configs/digits-dkdm.yaml

@@ -311,12 +311,30 @@ class Engine:
         )
 
 
+def check_resources(spec: DistillSpec) -> None:
+    """Fail at once, naming the fields, when the job can never be placed on this cluster."""
+    r = spec.ray
+    total = ray.cluster_resources()
+    for kind, need in (
+        ("CPU", r.teacher_replicas * r.teacher_cpus + r.students * r.student_cpus),
+        ("GPU", r.teacher_replicas * r.teacher_gpus + r.students * r.student_gpus),
+    ):
+        have = total.get(kind, 0.0)
+        if need > have + 1e-9:
+            low = kind.lower()
+            raise ValueError(
+                f"the job needs {need:g} {kind}s (ray.teacher_replicas x ray.teacher_{low}s + ray.students x "
+                f"ray.student_{low}s) but the Ray cluster has {have:g}; lower them (fractions are allowed)"
+            )
+
+
 def run_job(spec: DistillSpec, job_id: str, redis_url: str, progress: bool = True) -> RunResult:
     """Run (or resume) job ``job_id`` on the connected Ray cluster; its metadata goes to ``redis_url``."""
     out = Path(spec.out).resolve()
     storage = out / "ray_train"
     previous = ray_checkpoints(storage)
     check_resumable(out, spec.model_dump(), has_checkpoints=bool(previous))
+    check_resources(spec)
     plan = Plan.make(spec)
     store = JobStore(redis_url, job_id)
     store.create(spec.model_dump(), state="PENDING", out=str(out), total_steps=spec.steps)

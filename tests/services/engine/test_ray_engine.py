@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import ray
 import torch
+import yaml
 
 from dkdm_core.checkpoint import load_train_state
 from dkdm_core.pool import pool_size
@@ -22,6 +23,7 @@ from services.engine.driver import NAMESPACE, actor_name, ray_checkpoints, run_j
 from services.engine.store import JobStore
 from services.local_engine import distill_local
 from services.runner import RunResult
+from tests.conftest import run_dkdm
 from tests.services.engine.conftest import engine_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -108,6 +110,20 @@ def test_matches_the_local_engine_and_every_batch_is_used_once(
     assert (tmp_path / "ray" / "model.safetensors").is_file()
 
 
+def freeze_holding_a_lease(store: JobStore, job_id: str, pid: int) -> str:
+    """SIGSTOP replica 0 at a moment it holds a lease (per the Redis lease table and the shard); returns it."""
+    shard = ray.get_actor(actor_name(job_id, "shard", 0), namespace=NAMESPACE)
+    for _ in range(500):
+        os.kill(pid, signal.SIGSTOP)
+        held = [f for f, v in store.leases().items() if v["replica"] == "teacher-0"]
+        outstanding = {f"0:{i}" for i in ray.get(shard.stats.remote())["lease_ids"]}
+        if held and held[0] in outstanding:
+            return held[0]
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.003)
+    raise AssertionError("replica 0 was never caught holding a lease")
+
+
 def test_a_killed_teacher_replica_is_replaced_and_its_lease_reissued(
     ray_cluster: None, redis_url: str, tiny_teacher: Path, tmp_path: Path
 ) -> None:
@@ -122,9 +138,10 @@ def test_a_killed_teacher_replica_is_replaced_and_its_lease_reissued(
         run__checkpoint_every=50,
     )
     job = Background(spec, "kill-teacher", redis_url)
-    # Kill replica 0 while it holds a lease (the lease table in Redis says who holds what).
-    job.wait_for(lambda: job.step() >= 10 and any(v["replica"] == "teacher-0" for v in job.store.leases().values()))
+    job.wait_for(lambda: job.step() >= 10 and "teacher-0" in job.store.heartbeats())
+    held = freeze_holding_a_lease(job.store, "kill-teacher", job.store.heartbeats()["teacher-0"]["pid"])
     ray.kill(ray.get_actor(actor_name("kill-teacher", "teacher", 0), namespace=NAMESPACE), no_restart=True)
+    assert held  # replica 0 died holding this lease
     result = job.join()
     assert result.steps == 100 and job.store.state() == "SUCCEEDED"
     c = job.store.counters()
@@ -171,3 +188,28 @@ def test_cancel_then_resume_continues_student_and_pool(
     assert steps[steps.index(stopped.steps) + 1] == stopped.steps + 1  # the student continues
     # The pool continues from the snapshot: its advance count goes on from there.
     assert_pool_consistent(JobStore(redis_url, "resume-2"), spec, advanced_before)
+
+
+def test_a_job_too_big_for_the_cluster_fails_at_once_and_writes_nothing(
+    ray_cluster: None, redis_url: str, tiny_teacher: Path, tmp_path: Path
+) -> None:
+    spec = engine_spec(tiny_teacher, tmp_path / "out", ray__teacher_replicas=64)
+    with pytest.raises(ValueError, match=r"ray.teacher_replicas x ray.teacher_cpus"):
+        run_job(spec, "too-big", redis_url, progress=False)
+    assert not JobStore(redis_url, "too-big").exists() and not (tmp_path / "out").exists()
+
+
+def test_dkdm_distill_engine_ray_starts_and_stops_its_own_redis(
+    ray_cluster: None, tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    monkeypatch.delenv("DKDM_REDIS_URL", raising=False)
+    before = subprocess.run(["pgrep", "-c", "redis-server"], capture_output=True, text=True).stdout.strip()
+    spec = engine_spec(tiny_teacher, tmp_path / "out", steps=5, run__checkpoint_every=5)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(spec.model_dump()))
+    proc = run_dkdm("distill", "--config", str(config), "--quiet")
+    assert "distillation finished: 5 steps" in proc.stdout
+    after = subprocess.run(["pgrep", "-c", "redis-server"], capture_output=True, text=True).stdout.strip()
+    assert after == before  # the private redis-server is gone again
