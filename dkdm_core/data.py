@@ -39,6 +39,22 @@ def load_dataset(name: DatasetName, generator: torch.Generator | None = None) ->
     raise ValueError(f"unknown dataset {name!r}; expected 'digits' or 'toy-2d'")
 
 
+def mix_real(
+    synthetic: torch.Tensor, real: torch.Tensor, real_fraction: float, generator: torch.Generator
+) -> torch.Tensor:
+    """The data-limited set: ``synthetic`` with round(P·N) random entries replaced by random real ones."""
+    n = synthetic.shape[0]
+    k = round(real_fraction * n)
+    mixed = synthetic.clone()
+    slots = torch.randperm(n, generator=generator)[:k]
+    if k <= real.shape[0]:
+        picks = torch.randperm(real.shape[0], generator=generator)[:k]
+    else:
+        picks = torch.randint(0, real.shape[0], (k,), generator=generator)
+    mixed[slots] = real[picks]
+    return mixed
+
+
 def sample_shape(name: DatasetName) -> tuple[int, ...]:
     return {"digits": (1, 8, 8), "toy-2d": (2,)}[name]
 

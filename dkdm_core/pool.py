@@ -29,6 +29,8 @@ from typing import Literal
 import torch
 
 Strategy = Literal["iterative", "shuffled", "dynamic"]
+# How a shuffled/dynamic pool gets its spread of t: shuffle denoise (the paper) or trajectory taps.
+PoolInit = Literal["shuffle", "trajectory"]
 # (x_t (B, ...), t (B,)) -> x_{t-1} (B, ...): one no-grad teacher step on the chain.
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -105,6 +107,50 @@ class NoisePool:
                 self.x[ids] = denoise(self.x[ids], self.t[ids])
                 self.t[ids] -= 1
                 evaluations += ids.numel()
+
+    def trajectory_init(self, denoise: DenoiseFn, batch_size: int, per_trajectory: int) -> int:
+        """A cheaper initialisation: each teacher trajectory from T fills ``per_trajectory`` pool slots.
+
+        Trajectory j gives one sample in each of ``per_trajectory`` equal bands of the chain, at a
+        uniform t inside its band (stratified, so t is still uniform over the pool). A trajectory only
+        runs down to its lowest tap, so the cost is about ``size · T / per_trajectory`` teacher
+        evaluations against shuffle denoise's ``size · T / 2``; the price is that the samples of one
+        trajectory are correlated. Returns the evaluations spent.
+        """
+        k, chain = per_trajectory, self.chain_length
+        if not 1 <= k <= chain:
+            raise ValueError(f"per_trajectory must be in [1, {chain}], got {k}")
+        # 1. Slot i belongs to trajectory i // k and band i % k; its tap is a uniform t in the band.
+        slots = torch.arange(self.size)
+        trajectory, band = slots // k, slots % k
+        u = torch.rand(self.size, generator=self.generator)
+        taps = ((band + u) * chain / k).long().clamp(max=chain - 1)  # (N,)
+        num = int(trajectory[-1]) + 1
+        lowest = torch.full((num,), chain, dtype=torch.long).scatter_reduce(0, trajectory, taps, "amin")
+        # 2. Run every trajectory down from fresh noise, copying it into the slots that tap it.
+        x = torch.randn((num, *self.sample_shape), generator=self.generator)  # (J, C, H, W)
+        evaluations = 0
+        for step in reversed(range(chain)):
+            hit = torch.nonzero(taps == step).squeeze(1)
+            self.x[hit] = x[trajectory[hit]]
+            self.t[hit] = step
+            active = torch.nonzero(lowest < step).squeeze(1)
+            if active.numel() == 0:
+                break
+            for ids in active.split(batch_size):
+                x[ids] = denoise(x[ids], torch.full((ids.numel(),), step, dtype=torch.long))
+                evaluations += ids.numel()
+        return evaluations
+
+    def initialise(
+        self, denoise: DenoiseFn, batch_size: int, method: PoolInit = "shuffle", per_trajectory: int = 8
+    ) -> int:
+        """Spread t over the chain (shuffled and dynamic strategies); returns teacher evaluations."""
+        if self.strategy == "iterative":
+            return 0
+        if method == "trajectory":
+            return self.trajectory_init(denoise, batch_size, per_trajectory)
+        return self.shuffle_denoise(denoise, batch_size)
 
     # One distillation step ----------------------------------------------------------------------
 

@@ -15,10 +15,13 @@ from dkdm_core.data import DatasetName
 from dkdm_core.diffusion import Sampler, Schedule
 from dkdm_core.models import MODELS, VECTOR_MODELS
 from dkdm_core.objective import ObjectiveMode
-from dkdm_core.pool import Strategy
+from dkdm_core.pool import PoolInit, Strategy
 
 Engine = Literal["local", "ray"]
-Method = Literal["dkdm"]
+# dkdm: the paper's method. The rest are its Table 2 baselines, students trained with L_hybrid on a
+# dataset: the real digits (data-based), a set the teacher generates (data-free, Fig. 2b), or that set
+# with a share of real digits mixed in (data-limited).
+Method = Literal["dkdm", "data-based", "data-free", "data-limited"]
 
 
 def _known_arch(arch: str) -> str:
@@ -90,6 +93,10 @@ class PoolSpec(_Strict):
     # K-step chain. Shuffle denoise costs ~ρ·K²·b/2 teacher evaluations, so the full chain (K = T =
     # 1000) takes hours on a CPU; a 100-step chain keeps the demo to minutes.
     chain_steps: int | None = Field(100, ge=2)
+    # Initialisation: "shuffle" is the paper's shuffle denoise (~T/2 teacher evaluations per sample);
+    # "trajectory" fills `per_trajectory` slots from each teacher trajectory (~T/per_trajectory each).
+    init: PoolInit = "shuffle"
+    per_trajectory: int = Field(8, ge=1)
 
 
 class RayEngineSpec(_Strict):
@@ -107,6 +114,17 @@ class RayEngineSpec(_Strict):
     max_replica_restarts: int = Field(3, ge=0)  # dead replicas replaced before the job fails
     max_student_failures: int = Field(3, ge=0)  # Ray Train worker-group restarts from the last checkpoint
     starve_timeout_s: float = Field(600.0, gt=0)  # a rank with no knowledge for this long fails the job
+
+
+class BaselineSpec(_Strict):
+    """Settings of the dataset baselines (method data-free / data-limited)."""
+
+    real_fraction: float = Field(0.2, ge=0, le=1)  # data-limited: share of the set that is real data
+    synthetic_size: int | None = Field(None, ge=1)  # None: as many as the real set (1797 digits)
+    synthetic_steps: int = Field(100, ge=1)  # IDDPM steps the teacher samples the set with
+    # A .npy file to keep the teacher's set in: loaded if present, written otherwise, so several
+    # baselines share one set (and its teacher cost) instead of generating their own.
+    synthetic_path: str | None = None
 
 
 class TeacherTrainSpec(_Strict):
@@ -132,6 +150,7 @@ class DistillSpec(_Strict):
     objective: ObjectiveMode = "dkdm"  # "simple" for ε-only teachers and latent space
     vlb_weight: float = Field(0.001, ge=0)  # λ of Eq. (19)
     pool: PoolSpec = PoolSpec()
+    baseline: BaselineSpec = BaselineSpec()
     optim: OptimSpec = OptimSpec()
     teacher_batch_size: int = Field(512, ge=1)  # chunk size of shuffle denoise's teacher calls
     steps: int = Field(2000, ge=1)  # student optimiser steps
@@ -142,7 +161,9 @@ class DistillSpec(_Strict):
     run: RunSpec = RunSpec()
 
     @model_validator(mode="after")
-    def _batches_split_over_ranks(self) -> DistillSpec:
+    def _fits_the_engine(self) -> DistillSpec:
+        if self.engine == "ray" and self.method != "dkdm":
+            raise ValueError(f"method {self.method!r} is a dataset baseline: it runs on engine 'local'")
         if self.engine == "ray" and self.optim.batch_size % self.ray.students:
             raise ValueError(
                 f"optim.batch_size ({self.optim.batch_size}) must be a multiple of ray.students "

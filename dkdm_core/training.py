@@ -17,7 +17,7 @@ from torch import nn
 
 from dkdm_core.diffusion import GaussianDiffusion
 from dkdm_core.objective import LossTerms, ObjectiveMode, dkdm_loss, hybrid_loss
-from dkdm_core.pool import Lease, NoisePool
+from dkdm_core.pool import Lease, NoisePool, PoolInit
 from dkdm_core.spec import OptimSpec
 
 
@@ -184,11 +184,9 @@ class Distiller(Trainer):
         self.teacher_calls += x_t.shape[0]
         return teacher_step(self.teacher, self.chain, x_t, t, self.teacher_generator, self.device).x_prev.cpu()
 
-    def init_pool(self, teacher_batch_size: int) -> int:
-        """Shuffle denoise for the shuffled and dynamic strategies; returns teacher evaluations."""
-        if self.pool.strategy == "iterative":
-            return 0
-        return self.pool.shuffle_denoise(self.denoise, teacher_batch_size)
+    def init_pool(self, teacher_batch_size: int, method: PoolInit = "shuffle", per_trajectory: int = 8) -> int:
+        """Spread the pool over the chain (shuffled and dynamic strategies); returns teacher evaluations."""
+        return self.pool.initialise(self.denoise, teacher_batch_size, method, per_trajectory)
 
     def teach(self, lease: Lease) -> KnowledgeBatch:
         self.teacher_calls += lease.ids.numel()

@@ -6,13 +6,15 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dkdm_core.checkpoint import ModelCard, load_model
-from dkdm_core.data import load_dataset
+from dkdm_core.data import load_dataset, mix_real
 from dkdm_core.diffusion import make_diffusion
 from dkdm_core.models import build_model, count_parameters
 from dkdm_core.pool import NoisePool, pool_size
+from dkdm_core.sampling import generate, sampling_diffusion
 from dkdm_core.spec import DistillSpec, TeacherTrainSpec
 from dkdm_core.training import DataTrainer, Distiller
 from services.evaluation import resolve_path
@@ -107,17 +109,73 @@ def build_distiller(
     return distiller, card, stats
 
 
+def teacher_dataset(spec: DistillSpec, teacher: torch.nn.Module, card: ModelCard, device: torch.device) -> torch.Tensor:
+    """The data-free baseline's set (Fig. 2b): samples of the teacher, cached at ``baseline.synthetic_path``."""
+    b = spec.baseline
+    size = b.synthetic_size or load_dataset(card.data or "digits").shape[0]
+    path = Path(b.synthetic_path) if b.synthetic_path else None
+    if path is not None and path.is_file():
+        data = torch.from_numpy(np.load(path, allow_pickle=False))
+        if tuple(data.shape) != (size, *card.sample_shape):
+            raise ValueError(f"{path} holds a set of shape {tuple(data.shape)}, not {(size, *card.sample_shape)}")
+        return data
+    diffusion = sampling_diffusion(card.diffusion, card.learn_sigma, b.synthetic_steps, "iddpm")
+    data = generate(
+        teacher, diffusion, card.sample_shape, size, spec.seed + 1, "iddpm", spec.teacher_batch_size, device
+    )
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, data.numpy())
+    return data
+
+
+def train_baseline(spec: DistillSpec, progress: bool = True) -> RunResult:
+    """The paper's dataset baselines: a student trained with L_hybrid on real, synthetic or mixed data."""
+    out = Path(spec.out)
+    check_resumable(out, spec.model_dump())
+    device = pick_device()
+    teacher, teacher_card = load_model(resolve_path(spec.teacher), device)
+    gen = torch.Generator().manual_seed(spec.seed)
+    stats: dict[str, float] = {"teacher_calls": 0.0}
+    if spec.method == "data-based":
+        if teacher_card.data is None:
+            raise ValueError("method data-based needs the teacher's dataset, and this teacher names none")
+        data = load_dataset(teacher_card.data, gen)
+    else:
+        data = teacher_dataset(spec, teacher, teacher_card, device)
+        stats["teacher_calls"] = float(data.shape[0] * spec.baseline.synthetic_steps)
+        if spec.method == "data-limited":
+            real = load_dataset(teacher_card.data or "digits", gen)
+            data = mix_real(data, real, spec.baseline.real_fraction, gen)
+            stats["real_fraction"] = spec.baseline.real_fraction
+    stats["dataset_size"] = float(data.shape[0])
+    torch.manual_seed(spec.seed)
+    student = build_model(spec.student.arch, teacher_card.channels, teacher_card.image_size, teacher_card.learn_sigma)
+    diff = teacher_card.diffusion
+    diffusion = make_diffusion(diff.schedule, diff.num_timesteps, teacher_card.learn_sigma)
+    trainer = DataTrainer(student, diffusion, data, spec.optim, gen, spec.vlb_weight, device)
+    card = teacher_card.model_copy(deep=True)
+    card.arch = spec.student.arch
+    card.info = {"kind": "student", "method": spec.method, "teacher": str(spec.teacher), **stats}
+    card.info["parameters"] = count_parameters(student)
+    return run_training(
+        trainer, card, spec.model_dump(), out, spec.steps, spec.run, spec.seed, extra_metrics=stats, progress=progress
+    )
+
+
 def distill_local(spec: DistillSpec, progress: bool = True) -> RunResult:
-    """Dynamic iterative distillation (Algorithm 1) in this process."""
+    """Dynamic iterative distillation (Algorithm 1) in this process, or one of the dataset baselines."""
     if spec.run.threads:
         torch.set_num_threads(spec.run.threads)
+    if spec.method != "dkdm":
+        return train_baseline(spec, progress)
     out = Path(spec.out)
     check_resumable(out, spec.model_dump())  # before the costly pool initialisation
     distiller, card, stats = build_distiller(spec)
     fresh = not (out / "checkpoints").is_dir()
     if fresh:
         start = time.perf_counter()
-        evaluations = distiller.init_pool(spec.teacher_batch_size)
+        evaluations = distiller.init_pool(spec.teacher_batch_size, spec.pool.init, spec.pool.per_trajectory)
         stats["pool_init_seconds"] = time.perf_counter() - start
         stats["pool_init_teacher_evaluations"] = float(evaluations)
         log.info("pool of %d initialised with %d teacher evaluations", distiller.pool.size, evaluations)

@@ -76,8 +76,10 @@ class TeacherReplicaActor:
         self.name = f"teacher-{index}"
         self.stop_event = threading.Event()
 
-    def init_shard(self, index: int, strategy: Any, size: int, teacher_batch_size: int) -> dict[str, Any]:
-        state, spent = self.replica.init_shard(index, strategy, size, teacher_batch_size)
+    def init_shard(
+        self, index: int, strategy: Any, size: int, teacher_batch_size: int, method: Any, per_trajectory: int
+    ) -> dict[str, Any]:
+        state, spent = self.replica.init_shard(index, strategy, size, teacher_batch_size, method, per_trajectory)
         self.store.add(pool_init_teacher_evaluations=spent)
         return state
 

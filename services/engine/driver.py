@@ -189,7 +189,10 @@ class Engine:
         loads = []
         for k, size in enumerate(self.plan.shard_sizes):
             replica = self.replicas[k % len(self.replicas)].handle
-            state_ref = replica.init_shard.remote(k, self.spec.pool.strategy, size, self.spec.teacher_batch_size)
+            pool = self.spec.pool
+            state_ref = replica.init_shard.remote(
+                k, pool.strategy, size, self.spec.teacher_batch_size, pool.init, pool.per_trajectory
+            )
             loads.append(self.shards[k].load_state_dict.remote(state_ref))  # by reference: never via the driver
         ray.get(loads)
         return time.perf_counter() - start

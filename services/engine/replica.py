@@ -13,7 +13,7 @@ import torch
 
 from dkdm_core.checkpoint import load_model
 from dkdm_core.diffusion import make_diffusion
-from dkdm_core.pool import Lease, NoisePool, Strategy
+from dkdm_core.pool import Lease, NoisePool, PoolInit, Strategy
 from dkdm_core.training import KnowledgeBatch, teacher_step
 from services.engine.shard import shard_seed
 
@@ -52,9 +52,15 @@ class TeacherReplica:
         return teacher_step(self.teacher, self.chain, x_t, t, self.generator, self.device).x_prev.cpu()
 
     def init_shard(
-        self, index: int, strategy: Strategy, size: int, teacher_batch_size: int
+        self,
+        index: int,
+        strategy: Strategy,
+        size: int,
+        teacher_batch_size: int,
+        method: PoolInit = "shuffle",
+        per_trajectory: int = 8,
     ) -> tuple[dict[str, Any], int]:
-        """Build shard ``index``'s pool here, next to the teacher: shuffle denoise for shuffled/dynamic.
+        """Build shard ``index``'s pool here, next to the teacher (shuffle denoise or trajectory taps).
 
         Returns the pool's state (what ``PoolShard.load_state_dict`` takes) and the teacher
         evaluations spent. The pool draws from the shard's generator, exactly as the shard would.
@@ -66,7 +72,7 @@ class TeacherReplica:
             self.chain.num_timesteps,
             torch.Generator().manual_seed(shard_seed(self.seed, index)),
         )
-        spent = 0 if strategy == "iterative" else pool.shuffle_denoise(self.denoise, teacher_batch_size)
+        spent = pool.initialise(self.denoise, teacher_batch_size, method, per_trajectory)
         return {"pool": pool.state_dict(), "advanced": 0}, spent
 
     def teach(self, lease: Lease) -> KnowledgeBatch:

@@ -150,3 +150,24 @@ def test_expired_leases_are_reissued_and_late_answers_refused() -> None:
     assert torch.equal(pool.t, t_before)
     pool.put(again.lease_id, again.x_t + 1)
     assert not pool.leased.any() and not pool.leases
+
+
+def test_trajectory_init_taps_each_trajectory_at_uniform_t_for_a_fraction_of_the_cost() -> None:
+    chain, k = 40, 8
+    pool = make_pool(size=4000, chain=chain)
+    teacher = CountingTeacher()
+    spent = pool.initialise(teacher, batch_size=512, method="trajectory", per_trajectory=k)
+    assert spent == teacher.calls
+    # t stays uniform over the chain (stratified taps) ...
+    counts = torch.bincount(pool.t, minlength=chain).numpy()
+    assert stats.chisquare(counts).pvalue > 1e-3
+    # ... at about 1/k of a chain per sample instead of shuffle denoise's 1/2.
+    assert spent < 1.1 * pool.size * chain / k
+    assert spent < 0.3 * pool.size * chain / 2
+    # A slot tapped at t holds its trajectory after exactly T-1-t steps: the counting teacher
+    # makes x - (T-1-t) the trajectory's starting noise, shared by the k slots of one trajectory.
+    start = pool.x - (chain - 1 - pool.t).view(-1, 1, 1, 1).float()
+    per_trajectory = start.view(-1, k, *SHAPE)
+    assert torch.allclose(per_trajectory, per_trajectory[:, :1].expand_as(per_trajectory), atol=1e-4)
+    bands = (pool.t.view(-1, k) * k) // chain
+    assert torch.equal(bands, torch.arange(k).expand_as(bands))  # one tap per band

@@ -70,3 +70,14 @@ def test_data_trainer_reduces_the_hybrid_loss_on_toy_data() -> None:
     )
     losses = [trainer.step()["mse"] for _ in range(300)]
     assert sum(losses[-30:]) / 30 < 0.6 * sum(losses[:30]) / 30
+
+
+def test_mix_real_replaces_the_stated_share_by_real_samples() -> None:
+    from dkdm_core.data import mix_real
+
+    synthetic, real = torch.zeros(100, 1, 2, 2), torch.ones(30, 1, 2, 2)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(mix_real(synthetic, real, 0.0, gen), synthetic)
+    mixed = mix_real(synthetic, real, 0.2, gen)
+    assert mixed.shape == synthetic.shape and int(mixed[:, 0, 0, 0].sum()) == 20
+    assert int(mix_real(synthetic, real, 1.0, gen)[:, 0, 0, 0].sum()) == 100  # more than the real set: resampled

@@ -97,3 +97,32 @@ def test_ablation_strategies_and_cross_architecture(tiny_teacher: Path, tmp_path
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["pool_size"] == 16
     assert json.loads((out / "config.json").read_text())["arch"] == "vit-tiny"
+
+
+def test_dataset_baselines_share_one_teacher_set(tiny_teacher: Path, tmp_path: Path) -> None:
+    """data-free and data-limited train on the teacher's samples (made once, cached), data-based on
+    the real digits; all write a student the same way DKDM does."""
+    synthetic = tmp_path / "synthetic.npy"
+    common = ["--set", f"baseline.synthetic_path={synthetic}", "--set", "baseline.synthetic_size=64"]
+    common += ["--set", "baseline.synthetic_steps=5"]
+    distill(tiny_teacher, tmp_path / "free", 5, "--set", "method=data-free", *common)
+    assert synthetic.is_file()
+    made = synthetic.stat().st_mtime_ns
+    distill(tiny_teacher, tmp_path / "limited", 5, "--set", "method=data-limited", *common)
+    assert synthetic.stat().st_mtime_ns == made  # reused, not regenerated
+    distill(tiny_teacher, tmp_path / "based", 5, "--set", "method=data-based")
+    free, limited, based = (
+        json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("free", "limited", "based")
+    )
+    assert free["teacher_calls"] == 64 * 5 and free["dataset_size"] == 64
+    assert limited["real_fraction"] == 0.2 and based["teacher_calls"] == 0 and based["dataset_size"] == 1797
+    for name in ("free", "limited", "based"):
+        card = json.loads((tmp_path / name / "config.json").read_text())
+        assert card["info"]["method"] == {"free": "data-free", "limited": "data-limited", "based": "data-based"}[name]
+
+
+def test_trajectory_pool_init_is_cheaper_than_shuffle_denoise(tiny_teacher: Path, tmp_path: Path) -> None:
+    distill(tiny_teacher, tmp_path / "shuffle", 2)
+    distill(tiny_teacher, tmp_path / "trajectory", 2, "--set", "pool.init=trajectory", "--set", "pool.per_trajectory=5")
+    shuffle, trajectory = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("shuffle", "trajectory"))
+    assert trajectory["pool_init_teacher_evaluations"] < 0.5 * shuffle["pool_init_teacher_evaluations"]
