@@ -1,4 +1,4 @@
-"""The ``dkdm`` command: teacher train | distill | sample | eval | export | classifier train.
+"""The ``dkdm`` command: teacher train | distill | sample | eval | export | classifier train | serve.
 
 Errors a user can cause (missing files, bad configs, wrong shapes, unknown names) end in one line
 ``dkdm: error: ...`` and exit status 2, never a traceback.
@@ -161,6 +161,27 @@ def cmd_classifier_train(args: argparse.Namespace) -> None:
     print(f"classifier saved to {out}: {json.dumps(info)}")
 
 
+def cmd_serve_api(args: argparse.Namespace) -> None:
+    from services.control_plane.app import serve
+
+    serve(args.host, args.port)
+
+
+def cmd_serve_sampling(args: argparse.Namespace) -> None:
+    import os
+
+    import ray
+
+    from services.serving.app import deploy
+
+    url = os.environ.get("DKDM_REDIS_URL")
+    if not url:
+        raise UsageError("the sampling service reads the model registry from Redis: set DKDM_REDIS_URL")
+    ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace="dkdm")
+    deploy(url, args.host, args.port)
+    print(f"sampling service deployed: http://{args.host}:{args.port}/v1/models/{{name}}/samples")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dkdm", description="Data-free distillation of diffusion models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -219,6 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=30)
     p.set_defaults(func=cmd_classifier_train)
+
+    srv = sub.add_parser("serve", help="the control plane API and the sampling service").add_subparsers(
+        dest="serve_command", required=True
+    )
+    p = srv.add_parser("api", help="run the control plane (FastAPI; settings from DKDM_* variables)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_serve_api)
+    p = srv.add_parser("sampling", help="deploy the Ray Serve sampling app on RAY_ADDRESS's cluster")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve_sampling)
     return parser
 
 

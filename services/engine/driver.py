@@ -35,7 +35,7 @@ from dkdm_core.pool import pool_size
 from dkdm_core.spec import DistillSpec
 from services.engine.actors import BatchQueueActor, PoolShardActor, TeacherReplicaActor
 from services.engine.shard import shard_sizes
-from services.engine.store import JobStore
+from services.engine.store import JobStore, ModelRegistry
 from services.engine.student import train_loop_per_worker
 from services.evaluation import resolve_path
 from services.runner import RunResult, check_resumable, evaluate_model
@@ -253,6 +253,7 @@ class Engine:
                 self.store.add(leases_expired=new)
                 self.expired_seen[s["index"]] = s["expired"]
             outstanding.update(f"{s['index']}:{lid}" for lid in s["lease_ids"])
+        self.store.set_queue_depths(ray.get([q.depth.remote() for q in self.queues], timeout=30))
         # Leases a dead replica opened are gone from the shards once expired: drop them here too.
         self.store.drop_leases([f for f in self.store.leases() if f not in outstanding])
 
@@ -341,6 +342,9 @@ def run_job(spec: DistillSpec, job_id: str, redis_url: str, progress: bool = Tru
     plan = Plan.make(spec)
     store = JobStore(redis_url, job_id)
     store.create(spec.model_dump(), state="PENDING", out=str(out), total_steps=spec.steps)
+    if store.cancel_requested():  # cancelled before it started: nothing to run, nothing to lose
+        store.set_state("CANCELLED", error="")
+        return RunResult(out=out, steps=0)
     attempt = store.next_attempt()
     store.set_state("RUNNING", out=str(out), total_steps=spec.steps, error="")
     out.mkdir(parents=True, exist_ok=True)
@@ -381,6 +385,9 @@ def run_job(spec: DistillSpec, job_id: str, redis_url: str, progress: bool = Tru
         engine.kill_all()
     cancelled = store.cancel_requested()
     metrics = finish(spec, plan, out, model, steps, stats, store)
+    ModelRegistry(store.r).register(
+        f"job-{job_id}", str(out), job_id=job_id, arch=spec.student.arch, steps=steps, method=spec.method
+    )
     store.set_state("CANCELLED" if cancelled else "SUCCEEDED", step=steps)
     return RunResult(out=out, steps=steps, metrics=metrics, resumed_from=0)
 

@@ -5,6 +5,8 @@ there, they travel through the Ray object store. Every key of a job lives under 
 ``dkdm:job:{job_id}`` so jobs never collide and one job's keys can be listed or dropped together.
 
     dkdm:jobs                           sorted set  job id -> creation time (the job index)
+    dkdm:models                         hash        model name -> JSON {path, job_id, arch, created}:
+                                                    the students the sampling service can serve
     dkdm:job:{id}                       hash        the job record: state, spec (JSON), out, error,
                                                     created/updated times, step, total_steps
     dkdm:job:{id}:counters              hash        monotonic counters (see COUNTERS), HINCRBY/-FLOAT
@@ -13,6 +15,7 @@ there, they travel through the Ray object store. Every key of a job lives under 
                                                     leases, finished trajectories, samples advanced
     dkdm:job:{id}:leases                hash        "shard:lease" -> JSON: replica, taken-at time
     dkdm:job:{id}:consumed              set         knowledge batch ids a student rank consumed
+    dkdm:job:{id}:queues                hash        student rank -> knowledge batches waiting in its queue
     dkdm:job:{id}:control               hash        requests to the running job: cancel, teacher_replicas
     dkdm:job:{id}:heartbeat:{component} string      JSON {pid, host, time}; expires after HEARTBEAT_TTL_S
 """
@@ -53,6 +56,10 @@ def jobs_index() -> str:
     return f"{PREFIX}:jobs"
 
 
+def models() -> str:
+    return f"{PREFIX}:models"
+
+
 def job(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
 
@@ -75,6 +82,10 @@ def leases(job_id: str) -> str:
 
 def consumed(job_id: str) -> str:
     return f"{job(job_id)}:consumed"
+
+
+def queues(job_id: str) -> str:
+    return f"{job(job_id)}:queues"
 
 
 def control(job_id: str) -> str:

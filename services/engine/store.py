@@ -83,12 +83,15 @@ class JobStore:
     def add(self, **amounts: float) -> None:
         """Add to counters in one round trip (ints with HINCRBY, floats with HINCRBYFLOAT)."""
         pipe = self.r.pipeline(transaction=False)
+        self._count(pipe, amounts)
+        pipe.execute()
+
+    def _count(self, pipe: Any, amounts: dict[str, float]) -> None:
         for name, amount in amounts.items():
             if isinstance(amount, int):
                 pipe.hincrby(keys.counters(self.job_id), name, amount)
             else:
                 pipe.hincrbyfloat(keys.counters(self.job_id), name, amount)
-        pipe.execute()
 
     def counters(self) -> dict[str, float]:
         raw = self.r.hgetall(keys.counters(self.job_id))
@@ -130,12 +133,15 @@ class JobStore:
         """Drop a lease from the table and add the step's counters, in one round trip."""
         pipe = self.r.pipeline(transaction=False)
         pipe.hdel(keys.leases(self.job_id), keys.lease_field(shard, lease_id))
-        for name, amount in counters.items():
-            if isinstance(amount, int):
-                pipe.hincrby(keys.counters(self.job_id), name, amount)
-            else:
-                pipe.hincrbyfloat(keys.counters(self.job_id), name, amount)
+        self._count(pipe, counters)
         pipe.execute()
+
+    def set_queue_depths(self, depths: list[int]) -> None:
+        if depths:
+            self.r.hset(keys.queues(self.job_id), mapping={str(rank): d for rank, d in enumerate(depths)})
+
+    def queue_depths(self) -> dict[int, int]:
+        return {int(k): int(v) for k, v in self.r.hgetall(keys.queues(self.job_id)).items()}
 
     def drop_leases(self, fields: list[str]) -> None:
         if fields:
@@ -168,6 +174,28 @@ class JobStore:
             if value is not None:
                 found[key[len(prefix) :]] = json.loads(value)
         return found
+
+
+class ModelRegistry:
+    """The students the sampling service may serve: name -> model folder (written when a job succeeds)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+
+    def register(self, name: str, path: str, **info: Any) -> None:
+        self.r.hset(keys.models(), name, json.dumps({"path": path, "created": time.time(), **info}))
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        raw = self.r.hget(keys.models(), name)
+        return json.loads(raw) if raw is not None else None
+
+    def all(self) -> dict[str, dict[str, Any]]:
+        return {name: json.loads(raw) for name, raw in self.r.hgetall(keys.models()).items()}
+
+
+def list_jobs(client: redis.Redis, limit: int = 100) -> list[str]:
+    """The newest ``limit`` job ids, newest first."""
+    return list(client.zrevrange(keys.jobs_index(), 0, limit - 1))
 
 
 def _encode(value: Any) -> str | int | float:

@@ -1,4 +1,4 @@
-"""Fixtures of the engine tests: a real redis-server and a real local Ray, started once per session."""
+"""Fixtures of the engine tests: a real local Ray started once per session (redis-server: ../conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,6 @@ from typing import Any
 import pytest
 
 from dkdm_core.spec import DistillSpec
-from services.engine.embedded import RedisServer
-
-
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    with RedisServer() as server:
-        yield server.url
 
 
 @pytest.fixture(scope="session")

@@ -49,7 +49,7 @@ class Background:
         except BaseException as exc:
             self.error = exc
 
-    def wait_for(self, condition: Callable[[], bool], timeout: float = 240.0) -> None:
+    def wait_for(self, condition: Callable[[], bool], timeout: float = 600.0) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
             assert self.thread.is_alive(), f"job ended early: {self.error!r}"
@@ -59,7 +59,7 @@ class Background:
     def step(self) -> int:
         return int(self.store.record().get("step", 0))
 
-    def join(self, timeout: float = 300.0) -> RunResult:
+    def join(self, timeout: float = 600.0) -> RunResult:
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "job did not finish"
         if self.error is not None:

@@ -1,0 +1,50 @@
+"""/jobs: start, list, inspect and cancel distillation jobs."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Path, status
+
+from services.control_plane.deps import Authorized, ServiceDep
+from services.control_plane.service import InvalidField, JobCreated, JobRequest, JobView, SubmitError
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{12}$", description="the id POST /jobs returned")]
+
+
+def _not_found(job_id: str) -> HTTPException:
+    return HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, dependencies=[Authorized])
+def create_job(request: JobRequest, service: ServiceDep) -> JobCreated:
+    try:
+        return service.create(request)
+    except InvalidField as exc:
+        detail = [{"loc": ["body", exc.field], "msg": str(exc), "type": "value_error"}]
+        raise HTTPException(422, detail) from exc
+    except SubmitError as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
+
+
+@router.get("")
+def list_jobs(service: ServiceDep) -> list[JobView]:
+    return service.list()
+
+
+@router.get("/{job_id}")
+def get_job(job_id: JobId, service: ServiceDep) -> JobView:
+    view = service.view(job_id)
+    if view is None:
+        raise _not_found(job_id)
+    return view
+
+
+@router.post("/{job_id}/cancel", dependencies=[Authorized])
+def cancel_job(job_id: JobId, service: ServiceDep) -> JobView:
+    view = service.cancel(job_id)
+    if view is None:
+        raise _not_found(job_id)
+    return view

@@ -1,0 +1,173 @@
+"""Job state changes, all in one place: create (record + Ray submission), read (reconciled with Ray), cancel."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis
+from pydantic import BaseModel, field_validator
+
+from dkdm_core.checkpoint import CheckpointError, read_card
+from dkdm_core.spec import DistillSpec
+from services.control_plane.launcher import RayLauncher
+from services.control_plane.settings import Settings
+from services.engine.keys import TERMINAL_STATES
+from services.engine.store import JobStore, ModelRegistry, list_jobs
+from services.evaluation import resolve_path
+
+
+class JobRequest(DistillSpec):
+    """The JobSpec of ``POST /jobs``: a DistillSpec whose output folder and engine the service chooses."""
+
+    @field_validator("out")
+    @classmethod
+    def _out_is_chosen_by_the_service(cls, value: str) -> str:
+        raise ValueError("chosen by the service (runs_dir/<job id>); leave it out")
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_is_ray(cls, value: str) -> str:
+        if value != "ray":
+            raise ValueError("jobs submitted over the API run on the ray engine")
+        return value
+
+
+class JobCreated(BaseModel):
+    id: str
+    state: str
+
+
+class JobView(BaseModel):
+    id: str
+    state: str
+    step: int
+    total_steps: int
+    progress: float
+    created: float
+    updated: float
+    error: str
+    out: str
+    metrics: dict[str, float]
+    counters: dict[str, float]
+    checkpoints: list[str]
+    spec: dict[str, Any]
+
+
+class InvalidField(ValueError):
+    """A request field that validated but cannot be accepted (e.g. a teacher outside the model roots)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class SubmitError(RuntimeError):
+    """Ray refused or could not be reached; the job is recorded as FAILED with the reason."""
+
+
+class JobService:
+    def __init__(self, settings: Settings, client: redis.Redis, launcher: RayLauncher) -> None:
+        self.settings = settings
+        self.r = client
+        self.launcher = launcher
+
+    def store(self, job_id: str) -> JobStore:
+        return JobStore(self.settings.redis_url, job_id, client=self.r)
+
+    def check_teacher(self, teacher: str) -> str:
+        """The teacher's absolute folder, if it is a model folder inside one of the model roots."""
+        path = resolve_path(teacher).resolve()
+        if not any(path.is_relative_to(root) for root in self.settings.model_roots):
+            roots = ", ".join(str(r) for r in self.settings.model_roots)
+            raise InvalidField("teacher", f"teachers are read only from below the model roots ({roots})")
+        try:
+            read_card(path)
+        except (CheckpointError, FileNotFoundError, ValueError) as exc:
+            raise InvalidField("teacher", f"not a model folder: {exc}") from exc
+        return str(path)
+
+    def create(self, request: JobRequest) -> JobCreated:
+        job_id = uuid.uuid4().hex[:12]
+        data = request.model_dump()
+        data.update(teacher=self.check_teacher(request.teacher), engine="ray")
+        data["out"] = str(self.settings.runs_dir / job_id)
+        spec = DistillSpec.model_validate(data)
+        store = self.store(job_id)
+        store.create(spec.model_dump(), state="PENDING", out=spec.out, total_steps=spec.steps, error="")
+        try:
+            self.launcher.submit(job_id)
+        except Exception as exc:
+            store.set_state("FAILED", error=f"could not submit to Ray at {self.launcher.address}: {exc}")
+            raise SubmitError(f"could not submit job {job_id} to Ray: {exc}") from exc
+        return JobCreated(id=job_id, state="PENDING")
+
+    def reconcile(self, job_id: str, record: dict[str, str]) -> dict[str, str]:
+        """A record still PENDING/RUNNING whose Ray job ended without saying so gets Ray's verdict."""
+        if record.get("state") in TERMINAL_STATES:
+            return record
+        seen = self.launcher.status(job_id)
+        if seen is None or seen[0] not in ("FAILED", "STOPPED"):
+            return record
+        store = self.store(job_id)
+        if record.get("state") not in TERMINAL_STATES:  # the engine may have written it meanwhile
+            fresh = store.record()
+            if fresh.get("state") in TERMINAL_STATES:
+                return fresh
+        if seen[0] == "STOPPED":
+            store.set_state("CANCELLED", error="stopped through Ray")
+        else:
+            tail = self.launcher.logs_tail(job_id).strip().splitlines()[-1:] or [""]
+            store.set_state("FAILED", error=f"Ray job failed: {seen[1]} {tail[0]}".strip())
+        return store.record()
+
+    def view(self, job_id: str) -> JobView | None:
+        store = self.store(job_id)
+        record = store.record()
+        if not record:
+            return None
+        record = self.reconcile(job_id, record)
+        step, total = int(float(record.get("step", 0))), int(float(record.get("total_steps", 0)))
+        out = record.get("out", "")
+        run_dir = Path(out) / "ray_train" / "student"
+        checkpoints = sorted(str(p) for p in run_dir.glob("checkpoint_*")) if out and run_dir.is_dir() else []
+        return JobView(
+            id=job_id,
+            state=record.get("state", "PENDING"),
+            step=step,
+            total_steps=total,
+            progress=step / total if total else 0.0,
+            created=float(record.get("created", 0)),
+            updated=float(record.get("updated", 0)),
+            error=record.get("error", ""),
+            out=out,
+            metrics=store.metrics(),
+            counters={k: v for k, v in store.counters().items() if v},
+            checkpoints=checkpoints,
+            spec=json.loads(record.get("spec", "{}")),
+        )
+
+    def list(self, limit: int = 100) -> list[JobView]:
+        return [v for v in (self.view(j) for j in list_jobs(self.r, limit)) if v is not None]
+
+    def cancel(self, job_id: str) -> JobView | None:
+        store = self.store(job_id)
+        record = store.record()
+        if not record:
+            return None
+        if record.get("state") not in TERMINAL_STATES:
+            # The engine stops at its next log step and saves a checkpoint there; a job that never
+            # started is stopped in Ray and marked at once.
+            store.request(cancel=1, cancel_requested_at=time.time())
+            if record.get("state") == "PENDING":
+                seen = self.launcher.status(job_id)
+                if seen is None or seen[0] == "PENDING":
+                    self.launcher.stop(job_id)
+                    store.set_state("CANCELLED", error="cancelled before it started")
+        return self.view(job_id)
+
+    def models(self) -> dict[str, dict[str, Any]]:
+        return ModelRegistry(self.r).all()

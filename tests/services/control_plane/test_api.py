@@ -1,0 +1,116 @@
+"""The control plane's HTTP contract over real HTTP, with a real redis-server: auth, validation,
+unknown ids, an unreachable Ray, health, metrics, and a schema fuzz that must find no 5xx."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from services.control_plane.settings import Settings
+from services.engine.embedded import RedisServer, free_port
+from tests.services.conftest import BIN
+from tests.services.control_plane.conftest import TOKEN, serve_api
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def settings(redis_url: str, tmp_path: Path, roots: list[Path], **extra: Any) -> Settings:
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there: Ray is unreachable
+    fields: dict[str, Any] = {"api_token": TOKEN, "redis_url": redis_url, "ray_address": closed}
+    fields.update(model_roots=roots, runs_dir=tmp_path / "jobs", **extra)
+    return Settings(**fields)
+
+
+@pytest.fixture
+def own_redis() -> Iterator[str]:
+    """A redis-server of this test's own: the assertions below count every job in it."""
+    with RedisServer() as server:
+        yield server.url
+
+
+@pytest.fixture
+def api(own_redis: str, tmp_path: Path, tiny_teacher: Path) -> Iterator[str]:
+    with serve_api(settings(own_redis, tmp_path, [tiny_teacher.parent])) as url:
+        yield url
+
+
+def small_job(teacher: Path) -> dict[str, Any]:
+    return {"teacher": str(teacher), "steps": 5, "pool": {"chain_steps": 10}, "optim": {"batch_size": 16}}
+
+
+def test_mutating_calls_need_the_bearer_token(api: str, tiny_teacher: Path, own_redis: str, tmp_path: Path) -> None:
+    job = small_job(tiny_teacher)
+    assert requests.post(f"{api}/jobs", json=job).status_code == 401
+    assert requests.post(f"{api}/jobs", json=job, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert requests.post(f"{api}/jobs/0123456789ab/cancel").status_code == 401
+    assert requests.get(f"{api}/jobs").status_code == 200  # reads stay open
+    with serve_api(settings(own_redis, tmp_path, [tiny_teacher.parent], api_token=None)) as open_api:
+        # No token configured: nothing mutates, whatever the caller sends.
+        assert requests.post(f"{open_api}/jobs", json=job, headers=AUTH).status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"student": {"arch": "resnet-9000"}}, ["body", "student", "arch"]),
+        ({"out": "/tmp/elsewhere"}, ["body", "out"]),
+        ({"engine": "local"}, ["body", "engine"]),
+        ({"optim": {"batch_size": 0}}, ["body", "optim", "batch_size"]),
+        ({"pool": {"strategy": "sideways"}}, ["body", "pool", "strategy"]),
+        ({"stpes": 10}, ["body", "stpes"]),
+        ({"teacher": "../../../../etc"}, ["body", "teacher"]),
+        ({"teacher": "/"}, ["body", "teacher"]),
+    ],
+)
+def test_invalid_specs_get_422_naming_the_field(api: str, body: dict[str, Any], field: list[str]) -> None:
+    response = requests.post(f"{api}/jobs", json=body, headers=AUTH)
+    assert response.status_code == 422, response.text
+    assert field in [e["loc"] for e in response.json()["detail"]]
+    assert requests.get(f"{api}/jobs").json() == []  # nothing recorded
+
+
+def test_a_teacher_folder_inside_the_roots_must_hold_a_model(api: str, tiny_teacher: Path) -> None:
+    body = small_job(tiny_teacher.parent)  # inside the roots, but not a model folder
+    response = requests.post(f"{api}/jobs", json=body, headers=AUTH)
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "teacher"]
+
+
+def test_unknown_and_malformed_job_ids(api: str) -> None:
+    assert requests.get(f"{api}/jobs/0123456789ab").status_code == 404
+    assert requests.post(f"{api}/jobs/0123456789ab/cancel", headers=AUTH).status_code == 404
+    assert requests.get(f"{api}/jobs/..%2F..%2Fetc").status_code in (404, 422)
+    assert requests.get(f"{api}/jobs/NOT-AN-ID").status_code == 422
+
+
+def test_an_unreachable_ray_is_503_and_the_job_is_recorded_failed(api: str, tiny_teacher: Path) -> None:
+    response = requests.post(f"{api}/jobs", json=small_job(tiny_teacher), headers=AUTH)
+    assert response.status_code == 503
+    (job,) = requests.get(f"{api}/jobs").json()
+    assert job["state"] == "FAILED" and "could not submit to Ray" in job["error"]
+    assert job["spec"]["teacher"] == str(tiny_teacher.resolve()) and job["spec"]["engine"] == "ray"
+    assert requests.get(f"{api}/jobs/{job['id']}").json()["state"] == "FAILED"
+    metrics = requests.get(f"{api}/metrics").text
+    assert 'dkdm_jobs{state="FAILED"}' in metrics and f'dkdm_job_total_steps{{job_id="{job["id"]}"}} 5.0' in metrics
+
+
+def test_healthz_and_models(api: str) -> None:
+    assert requests.get(f"{api}/healthz").json() == {"status": "ok", "redis": "ok"}
+    assert isinstance(requests.get(f"{api}/models").json(), dict)
+
+
+def test_schema_fuzz_finds_no_server_error(own_redis: str, tmp_path: Path) -> None:
+    """Every operation of the OpenAPI schema, fuzzed with and without the token. The model roots are an
+    empty folder, so no fuzzed spec can name a real teacher: nothing is ever submitted to Ray."""
+    empty = tmp_path / "no-models"
+    empty.mkdir()
+    with serve_api(settings(own_redis, tmp_path, [empty])) as url:
+        for headers in ([], ["-H", f"Authorization: Bearer {TOKEN}"]):
+            cmd = [str(BIN / "schemathesis"), "run", f"{url}/openapi.json", "--checks", "not_a_server_error"]
+            cmd += ["--max-examples", "40", "--seed", "1", *headers]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, proc.stdout[-4000:]

@@ -1,0 +1,153 @@
+"""The whole service on loopback with real processes: redis-server, a Ray head (`ray start`), the control
+plane (`dkdm serve api`), Ray Serve sampling (`dkdm serve sampling`) and a Prometheus scraping it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+
+from services.engine.embedded import RedisServer, free_port
+from tests.services.conftest import BIN, ROOT, RayHead, cluster_env, ray_head, stop_group, wait_for_http
+from tests.services.control_plane.conftest import TOKEN
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@contextlib.contextmanager
+def control_plane(env: dict[str, str], port: int) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        [str(BIN / "dkdm"), "serve", "api", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", proc)
+        yield proc
+    finally:
+        stop_group(proc)
+
+
+@contextlib.contextmanager
+def prometheus(target: str, tmp: Path) -> Iterator[str]:
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus is installed by `make install` (Debian package)"
+    config = tmp / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s}\n"
+        f"scrape_configs: [{{job_name: dkdm-control-plane, static_configs: [{{targets: ['{target}']}}]}}]\n"
+    )
+    port = free_port()
+    args = [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}"]
+    args += [f"--web.listen-address=127.0.0.1:{port}"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/-/ready", proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_group(proc)
+
+
+def poll(what: str, fn: Any, timeout: float = 300.0, every: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)
+
+
+def test_post_a_job_restart_the_api_sample_the_student_and_scrape_metrics(tiny_teacher: Path, tmp_path: Path) -> None:
+    with RedisServer() as redis_server, ray_head(num_cpus=4) as head:
+        run(head, redis_server.url, tiny_teacher, tmp_path)
+
+
+def run(head: RayHead, redis_url: str, teacher: Path, tmp: Path) -> None:
+    port = free_port()
+    api = f"http://127.0.0.1:{port}"
+    env = cluster_env(
+        DKDM_API_TOKEN=TOKEN,
+        DKDM_REDIS_URL=redis_url,
+        DKDM_RAY_ADDRESS=head.dashboard,
+        DKDM_MODEL_ROOTS=json.dumps([str(teacher.parent)]),
+        DKDM_RUNS_DIR=str(tmp / "jobs"),
+        RAY_ADDRESS=head.gcs,
+    )
+    job = {
+        "teacher": str(teacher),
+        "steps": 20,
+        "pool": {"chain_steps": 10},
+        "optim": {"batch_size": 16, "warmup_steps": 5},
+        "run": {"log_every": 1, "checkpoint_every": 10, "eval_samples": 16, "sample_steps": 5},
+        "ray": {"teacher_cpus": 1, "student_cpus": 1},
+    }
+    with prometheus(f"127.0.0.1:{port}", tmp) as prom:
+        with control_plane(env, port):
+            response = requests.post(f"{api}/jobs", json=job, headers=AUTH)
+            assert response.status_code == 202, response.text
+            job_id = response.json()["id"]
+            poll("the first step", lambda: requests.get(f"{api}/jobs/{job_id}").json()["step"] >= 1)
+        # The control plane is gone mid-job; the job is not. A new control plane sees the same record.
+        with control_plane(env, port):
+            view = requests.get(f"{api}/jobs/{job_id}").json()
+            assert view["state"] in ("RUNNING", "SUCCEEDED") and view["spec"]["steps"] == 20
+            done = poll(
+                "the job to end",
+                lambda: (v := requests.get(f"{api}/jobs/{job_id}").json())["state"] not in ("PENDING", "RUNNING") and v,
+            )
+            assert done["state"] == "SUCCEEDED", done
+            assert done["step"] == 20 and done["progress"] == 1.0 and done["checkpoints"]
+            assert done["counters"]["batches_consumed"] == 20
+            assert f"job-{job_id}" in requests.get(f"{api}/models").json()
+            # Prometheus scraped the job's progress from the control plane.
+            query = f'dkdm_job_progress_ratio{{job_id="{job_id}"}}'
+
+            def scraped() -> list[dict[str, Any]]:
+                result = requests.get(f"{prom}/api/v1/query", params={"query": query}).json()["data"]["result"]
+                return result if result and float(result[0]["value"][1]) == 1.0 else []
+
+            assert poll("Prometheus to scrape the finished job", scraped, 60)
+        sample(env, f"job-{job_id}")
+
+
+def sample(env: dict[str, str], model: str) -> None:
+    port = free_port()
+    deployed = subprocess.run(
+        [str(BIN / "dkdm"), "serve", "sampling", "--port", str(port)], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    url = f"http://127.0.0.1:{port}/v1/models/{model}/samples"
+
+    def answer() -> requests.Response | None:
+        try:
+            r = requests.post(url, json={"num": 16, "steps": 5, "format": "npz"})
+        except requests.ConnectionError:
+            return None  # the HTTP proxy is still starting
+        return r if r.status_code not in (502, 503) else None
+
+    response = poll("the sampling service", answer, 120)
+    assert response.status_code == 200, response.text
+    with np.load(io.BytesIO(response.content), allow_pickle=False) as data:
+        assert data["arr_0"].shape == (16, 8, 8, 1) and data["arr_0"].dtype == np.uint8
+    png = requests.post(url, json={"num": 16, "steps": 5})
+    assert png.headers["content-type"] == "image/png" and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert requests.post(url.replace(model, "no-such-model"), json={}).status_code == 404
+    assert requests.post(url, json={"num": 100000}).status_code == 422
+    assert requests.post(url, json={"steps": 5000}).status_code == 422
+    metrics = requests.get(f"http://127.0.0.1:{port}/metrics").text
+    assert f'dkdm_sampling_request_duration_seconds_count{{format="npz",model="{model}"}}' in metrics
