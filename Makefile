@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint typecheck pytest install redis-server clean
+.PHONY: demo test lint typecheck pytest install system-packages clean
 
 $(BIN)/dkdm: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,15 +18,20 @@ $(BIN)/dkdm: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(BIN)/dkdm
 
-# The Ray engine keeps job metadata in a real Redis; the embedded default starts a private
-# redis-server, so the project's setup installs one (Debian/Ubuntu package) when it is missing.
-redis-server:
-	@command -v redis-server >/dev/null 2>&1 || { \
+# System packages the project runs for real: redis-server (job metadata; the embedded default starts a
+# private one), prometheus + promtool (the monitoring end-to-end test scrapes the control plane) and
+# docker-compose (validates docker-compose.yml). Debian/Ubuntu packages, installed when missing.
+SYSTEM_PACKAGES := redis-server prometheus docker-compose
+system-packages:
+	@missing=""; for c in redis-server prometheus promtool docker-compose; do \
+		command -v $$c >/dev/null 2>&1 || missing=yes; done; \
+	if [ -n "$$missing" ]; then \
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-		$$SUDO apt-get install -y --no-install-recommends redis-server >/dev/null 2>&1 || \
-		{ $$SUDO apt-get update -q && $$SUDO apt-get install -y --no-install-recommends redis-server; }; }
+		$$SUDO apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -q && $$SUDO apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES); }; \
+	fi
 
-install: $(BIN)/dkdm redis-server
+install: $(BIN)/dkdm system-packages
 
 demo: install
 	$(BIN)/dkdm distill --config configs/digits-dkdm.yaml

@@ -64,6 +64,8 @@ def make_spec(args: argparse.Namespace, name: str, overrides: dict[str, Any], se
         # FD-vs-steps curves for the three DKDM variants (first seed only: evaluation costs time).
         "eval_every": args.eval_every if name in CURVES and seed == args.seeds[0] else 0,
     }
+    # A short run's EMA must forget the random initialisation: 0.999^1200 still weighs it by 30%.
+    data["optim"] = {**data["optim"], "ema_decay": args.ema_decay}
     data["baseline"] = {"synthetic_path": str(args.out / "synthetic.npy")}
     if args.quick:
         data["pool"] = {**data["pool"], "chain_steps": 10}
@@ -162,6 +164,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--ema-decay", type=float, default=0.99)
     parser.add_argument("--eval-samples", type=int, default=1000)
     parser.add_argument("--sample-steps", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
@@ -183,6 +186,7 @@ def main() -> None:
     budget = {
         "student_steps": args.steps,
         "batch_size": 64,
+        "ema_decay": args.ema_decay,
         "student": "unet-tiny",
         "teacher": "unet-small",
         "eval_samples": args.eval_samples,
