@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dkdm_core.checkpoint import CheckpointError, read_card
 from dkdm_core.spec import DistillSpec
@@ -34,6 +34,12 @@ class JobRequest(DistillSpec):
         if value != "ray":
             raise ValueError("jobs submitted over the API run on the ray engine")
         return value
+
+
+class ScaleRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    teacher_replicas: int = Field(ge=1, le=1024)
 
 
 class JobCreated(BaseModel):
@@ -167,6 +173,13 @@ class JobService:
                 if seen is None or seen[0] == "PENDING":
                     self.launcher.stop(job_id)
                     store.set_state("CANCELLED", error="cancelled before it started")
+        return self.view(job_id)
+
+    def scale(self, job_id: str, teacher_replicas: int) -> JobView | None:
+        store = self.store(job_id)
+        if not store.exists():
+            return None
+        store.request(teacher_replicas=teacher_replicas)
         return self.view(job_id)
 
     def models(self) -> dict[str, dict[str, Any]]:

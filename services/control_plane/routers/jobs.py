@@ -7,7 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, status
 
 from services.control_plane.deps import Authorized, ServiceDep
-from services.control_plane.service import InvalidField, JobCreated, JobRequest, JobView, SubmitError
+from services.control_plane.service import (
+    InvalidField,
+    JobCreated,
+    JobRequest,
+    JobView,
+    ScaleRequest,
+    SubmitError,
+)
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -37,6 +44,15 @@ def list_jobs(service: ServiceDep) -> list[JobView]:
 @router.get("/{job_id}")
 def get_job(job_id: JobId, service: ServiceDep) -> JobView:
     view = service.view(job_id)
+    if view is None:
+        raise _not_found(job_id)
+    return view
+
+
+@router.post("/{job_id}/scale", dependencies=[Authorized])
+def scale_job(job_id: JobId, request: ScaleRequest, service: ServiceDep) -> JobView:
+    """Add or remove teacher replicas of a running job; the engine applies it within a second."""
+    view = service.scale(job_id, request.teacher_replicas)
     if view is None:
         raise _not_found(job_id)
     return view

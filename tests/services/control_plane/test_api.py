@@ -114,3 +114,21 @@ def test_schema_fuzz_finds_no_server_error(own_redis: str, tmp_path: Path) -> No
             cmd += ["--max-examples", "40", "--seed", "1", *headers]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
             assert proc.returncode == 0, proc.stdout[-4000:]
+
+
+def test_scaling_a_job_records_the_request_for_the_engine(api: str, own_redis: str) -> None:
+    from services.engine.store import JobStore
+
+    store = JobStore(own_redis, "0123456789ab")
+    store.create({"steps": 5}, state="RUNNING", total_steps=5)
+    url = f"{api}/jobs/0123456789ab/scale"
+    assert requests.post(url, json={"teacher_replicas": 3}).status_code == 401
+    assert requests.post(url, json={"teacher_replicas": 0}, headers=AUTH).status_code == 422
+    assert (
+        requests.post(
+            url.replace("0123456789ab", "ba9876543210"), json={"teacher_replicas": 2}, headers=AUTH
+        ).status_code
+        == 404
+    )
+    assert requests.post(url, json={"teacher_replicas": 3}, headers=AUTH).status_code == 200
+    assert store.control()["teacher_replicas"] == "3"
