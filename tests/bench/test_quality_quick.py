@@ -20,7 +20,7 @@ def test_quality_bench_quick_mode_produces_table_plot_and_json(tmp_path: Path) -
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=900,
+        timeout=1800,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
