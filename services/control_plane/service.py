@@ -119,10 +119,9 @@ class JobService:
         if seen is None or seen[0] not in ("FAILED", "STOPPED"):
             return record
         store = self.store(job_id)
-        if record.get("state") not in TERMINAL_STATES:  # the engine may have written it meanwhile
-            fresh = store.record()
-            if fresh.get("state") in TERMINAL_STATES:
-                return fresh
+        fresh = store.record()  # the engine may have written its verdict meanwhile
+        if fresh.get("state") in TERMINAL_STATES:
+            return fresh
         if seen[0] == "STOPPED":
             store.set_state("CANCELLED", error="stopped through Ray")
         else:

@@ -99,10 +99,13 @@ class Plan:
 
 
 def ray_checkpoints(storage: Path) -> list[Path]:
-    """Student checkpoints Ray Train persisted for this job, oldest step first."""
+    """Student checkpoints Ray Train persisted for this job, oldest first.
+
+    Ray Train names them ``checkpoint_<timestamp>``, so the names sort in the order they were reported;
+    no need to open the (pool-snapshot-sized) states to order them.
+    """
     run_dir = storage / TRAIN_RUN_NAME
-    found = [p.parent for p in run_dir.glob(f"checkpoint_*/{TRAIN_STATE_FILE}")] if run_dir.is_dir() else []
-    return sorted(found, key=lambda p: int(load_train_state(p)["steps_done"]))
+    return sorted(p.parent for p in run_dir.glob(f"checkpoint_*/{TRAIN_STATE_FILE}"))
 
 
 @dataclass
