@@ -18,13 +18,14 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dkdm_core.methods.o2mkd import TimestepRouter
 from dkdm_core.models import VECTOR_MODELS, build_model
 from dkdm_core.models.unet import UNet
 from dkdm_core.spec import DiffusionSpec
@@ -34,6 +35,17 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TRAIN_STATE_FILE = "train_state.pt"
 DIFFUSERS_ARCH = "diffusers-unet2d"
+ROUTER_ARCH = "o2mkd-router"
+AUTOENCODER_DIR = "autoencoder"
+
+
+class RouterCard(BaseModel):
+    """An O2MKD model: student i (architecture ``archs[i]``) owns timesteps [edges[i], edges[i+1])."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    archs: list[str]
+    edges: list[int]
 
 
 class ModelCard(BaseModel):
@@ -48,11 +60,21 @@ class ModelCard(BaseModel):
     learn_sigma: bool
     diffusion: DiffusionSpec
     data: str | None = None  # the dataset the samples should resemble, e.g. "digits"
+    router: RouterCard | None = None  # O2MKD students by timestep interval (arch ROUTER_ARCH)
+    # "diffusion": an ε-predicting denoiser sampled over many steps; "one-step": a BOOT student
+    # g(ε, t) mapping noise straight to a sample in one call.
+    generator: Literal["diffusion", "one-step"] = "diffusion"
+    # Latent models: the diffusers AutoencoderKL folder the samples are decoded with. Written files
+    # hold it relative to the model folder (a copy travels with every model); loaded cards hold it
+    # resolved to an absolute path.
+    autoencoder: str | None = None
     info: dict[str, Any] = Field(default_factory=dict)  # provenance: command, steps, metrics
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        if self.arch in VECTOR_MODELS:
+        """The shape the network works in (latent shape for latent models)."""
+        arch = self.router.archs[0] if self.router else self.arch
+        if arch in VECTOR_MODELS:
             return (self.channels,)
         return (self.channels, self.image_size, self.image_size)
 
@@ -76,6 +98,8 @@ def save_model(directory: str | Path, model: nn.Module, card: ModelCard) -> Path
     """Write config.json and model.safetensors into ``directory`` (files replaced atomically)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
+    if card.autoencoder is not None:
+        card = card.model_copy(update={"autoencoder": _copy_autoencoder(Path(card.autoencoder), out)})
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp_weights = out / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp_weights))
@@ -86,17 +110,38 @@ def save_model(directory: str | Path, model: nn.Module, card: ModelCard) -> Path
     return out
 
 
+def _copy_autoencoder(source: Path, out: Path) -> str:
+    """Put the autoencoder a latent model decodes with into its folder; returns the relative name."""
+    target = out / AUTOENCODER_DIR
+    if source.resolve() != target.resolve():
+        if not source.is_dir():
+            raise CheckpointError(f"autoencoder folder not found: {source}")
+        tmp = out / (AUTOENCODER_DIR + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp)
+        _replace_dir(tmp, target)
+    return AUTOENCODER_DIR
+
+
 def read_card(directory: str | Path) -> ModelCard:
+    """The card of a model folder; a latent model's autoencoder path comes back absolute."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a model folder: {CONFIG_FILE} is missing")
     try:
-        return ModelCard.model_validate_json(path.read_text())
+        card = ModelCard.model_validate_json(path.read_text())
     except ValueError as exc:
         raise CheckpointError(f"{path} is not a valid dkdm model config: {exc}") from exc
+    if card.autoencoder is not None and not Path(card.autoencoder).is_absolute():
+        card.autoencoder = str((Path(directory) / card.autoencoder).resolve())
+    return card
 
 
 def build_from_card(card: ModelCard) -> nn.Module:
+    """The (untrained) network a card describes: one registry model, or an O2MKD router of several."""
+    if card.router is not None:
+        parts = [build_model(arch, card.channels, card.image_size, card.learn_sigma) for arch in card.router.archs]
+        return TimestepRouter(parts, card.router.edges)
     return build_model(card.arch, card.channels, card.image_size, card.learn_sigma)
 
 

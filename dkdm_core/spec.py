@@ -5,6 +5,7 @@ Defaults live here and nowhere else; each field says why it has the default it h
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,10 +19,13 @@ from dkdm_core.objective import ObjectiveMode
 from dkdm_core.pool import PoolInit, Strategy
 
 Engine = Literal["local", "ray"]
-# dkdm: the paper's method. The rest are its Table 2 baselines, students trained with L_hybrid on a
-# dataset: the real digits (data-based), a set the teacher generates (data-free, Fig. 2b), or that set
-# with a share of real digits mixed in (data-limited).
-Method = Literal["dkdm", "data-based", "data-free", "data-limited"]
+# dkdm: the paper's method. o2mkd: DKDM into N students that each own an interval of timesteps.
+# boot: a one-step student trained by bootstrapping (BOOT). The rest are DKDM's Table 2 baselines,
+# students trained with L_hybrid on a dataset: the real digits (data-based), a set the teacher
+# generates (data-free, Fig. 2b), or that set with a share of real digits mixed in (data-limited).
+Method = Literal["dkdm", "o2mkd", "boot", "data-based", "data-free", "data-limited"]
+# Methods that learn from the knowledge pool, and so run on the distributed engine too.
+POOL_METHODS = ("dkdm", "o2mkd")
 
 
 def _known_arch(arch: str) -> str:
@@ -116,6 +120,38 @@ class RayEngineSpec(_Strict):
     starve_timeout_s: float = Field(600.0, gt=0)  # a rank with no knowledge for this long fails the job
 
 
+class O2MKDSpec(_Strict):
+    """method o2mkd: N students, each owning a contiguous interval of the teacher's timesteps."""
+
+    students: int = Field(2, ge=1, le=64)  # N; the paper's default is a handful
+    # The N-1 interior cut points in the teacher's timesteps (0 < b_1 < ... < T); None: equal widths.
+    boundaries: list[int] | None = None
+    archs: list[ArchName] | None = None  # one architecture per student; None: student.arch for all
+
+    @model_validator(mode="after")
+    def _consistent(self) -> O2MKDSpec:
+        if self.archs is not None and len(self.archs) != self.students:
+            raise ValueError(f"o2mkd.archs names {len(self.archs)} architectures for {self.students} students")
+        if self.boundaries is not None:
+            if len(self.boundaries) != self.students - 1:
+                raise ValueError(f"o2mkd.boundaries needs {self.students - 1} cut points for {self.students} students")
+            edges = [0, *self.boundaries]
+            if any(a >= b for a, b in itertools.pairwise(edges)):
+                raise ValueError("o2mkd.boundaries must be positive and strictly increasing")
+        return self
+
+
+class BootSpec(_Strict):
+    """method boot: a one-step student g(ε, t) bootstrapped along the teacher's DDIM trajectory.
+
+    The student walks the chain ``pool.chain_steps`` long: each bootstrap pair is two consecutive
+    steps of it, so a shorter chain means fewer bootstrap hops from noise to image.
+    """
+
+    boundary_fraction: float = Field(0.125, gt=0, lt=1)  # share of each batch spent on the boundary loss
+    boundary_weight: float = Field(1.0, ge=0)
+
+
 class BaselineSpec(_Strict):
     """Settings of the dataset baselines (method data-free / data-limited)."""
 
@@ -131,6 +167,9 @@ class TeacherTrainSpec(_Strict):
     """Data-based training with L_hybrid (Eq. 13): how the bundled teacher is made."""
 
     data: DatasetName = "digits"
+    # A diffusers AutoencoderKL folder: train a latent teacher on the encoded data (model.channels and
+    # model.image_size must then be the latent's); samples are decoded with it. None: pixel space.
+    autoencoder: str | None = None
     model: ModelSpec = ModelSpec()
     diffusion: DiffusionSpec = DiffusionSpec()
     optim: OptimSpec = OptimSpec()
@@ -150,6 +189,8 @@ class DistillSpec(_Strict):
     objective: ObjectiveMode = "dkdm"  # "simple" for ε-only teachers and latent space
     vlb_weight: float = Field(0.001, ge=0)  # λ of Eq. (19)
     pool: PoolSpec = PoolSpec()
+    o2mkd: O2MKDSpec = O2MKDSpec()
+    boot: BootSpec = BootSpec()
     baseline: BaselineSpec = BaselineSpec()
     optim: OptimSpec = OptimSpec()
     teacher_batch_size: int = Field(512, ge=1)  # chunk size of shuffle denoise's teacher calls
@@ -162,8 +203,10 @@ class DistillSpec(_Strict):
 
     @model_validator(mode="after")
     def _fits_the_engine(self) -> DistillSpec:
-        if self.engine == "ray" and self.method != "dkdm":
-            raise ValueError(f"method {self.method!r} is a dataset baseline: it runs on engine 'local'")
+        if self.engine == "ray" and self.method not in POOL_METHODS:
+            raise ValueError(
+                f"method {self.method!r} does not learn from the knowledge pool: it runs on engine 'local'"
+            )
         if self.engine == "ray" and self.optim.batch_size % self.ray.students:
             raise ValueError(
                 f"optim.batch_size ({self.optim.batch_size}) must be a multiple of ray.students "

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dkdm_core.diffusion import GaussianDiffusion
+from dkdm_core.methods.o2mkd import TimestepRouter
 from dkdm_core.objective import LossTerms, ObjectiveMode, dkdm_loss, hybrid_loss
 from dkdm_core.pool import Lease, NoisePool, PoolInit
 from dkdm_core.spec import OptimSpec
@@ -48,11 +49,15 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.ema = EMA(self.model, optim.ema_decay)
         self.steps_done = 0
+        # Gradients are clipped per network: each O2MKD student on its own, as if trained alone.
+        parts = model.parts if isinstance(model, TimestepRouter) else [model]
+        self.clip_groups = [list(p.parameters()) for p in parts]
 
     def optimizer_step(self, terms: LossTerms) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
+        norms = [torch.nn.utils.clip_grad_norm_(group, self.optim.grad_clip) for group in self.clip_groups]
+        grad_norm = torch.stack(norms).pow(2).sum().sqrt()
         self.optimizer.step()
         self.scheduler.step()
         self.ema.update(self.model)
@@ -155,6 +160,15 @@ def student_loss(
     return dkdm_loss(chain, out, batch.teacher_output, batch.x_t, batch.t, vlb_weight, mode)
 
 
+def per_student(model: nn.Module, chain: GaussianDiffusion, t: torch.Tensor, terms: LossTerms) -> dict[str, float]:
+    """An O2MKD router's L*_simple per student (``mse_s0``, ``mse_s1``...); nothing for one student."""
+    if not isinstance(model, TimestepRouter):
+        return {}
+    owner = model.owner(chain.model_timesteps(t))
+    mse = terms.mse.detach()
+    return {f"mse_s{i}": float(mse[owner == i].mean()) for i in range(len(model.parts)) if bool((owner == i).any())}
+
+
 class Distiller(Trainer):
     """Algorithm 1 in one process: take a subset, one teacher step, learn from it, put it back."""
 
@@ -198,8 +212,9 @@ class Distiller(Trainer):
         # 2. One teacher step gives the targets and the denoised replacements (line 8).
         batch = self.teach(lease)
         self.pool.put(lease.lease_id, batch.x_prev.cpu())
-        # 3. Lines 5-7: L*_DKDM and a gradient step.
-        return self.optimizer_step(student_loss(self.model, self.chain, batch, self.vlb_weight, self.mode))
+        # 3. Lines 5-7: L*_DKDM and a gradient step (O2MKD: each sample trains the student owning its t).
+        terms = student_loss(self.model, self.chain, batch, self.vlb_weight, self.mode)
+        return {**self.optimizer_step(terms), **per_student(self.model, self.chain, batch.t, terms)}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -246,4 +261,5 @@ class Learner(Trainer):
             teacher_output=batch.teacher_output.to(self.device),
             x_prev=batch.x_prev,
         )
-        return self.optimizer_step(student_loss(self.forward, self.chain, batch, self.vlb_weight, self.mode))
+        terms = student_loss(self.forward, self.chain, batch, self.vlb_weight, self.mode)
+        return {**self.optimizer_step(terms), **per_student(self.model, self.chain, batch.t, terms)}

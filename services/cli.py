@@ -1,4 +1,4 @@
-"""The ``dkdm`` command: teacher train | distill | sample | eval | export | classifier train | serve.
+"""The ``dkdm`` command: teacher | autoencoder train | distill | sample | eval | export | classifier train | serve.
 
 Errors a user can cause (missing files, bad configs, wrong shapes, unknown names) end in one line
 ``dkdm: error: ...`` and exit status 2, never a traceback.
@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from dkdm_core.checkpoint import CheckpointError, export_diffusers, load_model
 from dkdm_core.data import from_uint8_nhwc, to_uint8_nhwc
-from dkdm_core.sampling import generate, sampling_diffusion
+from dkdm_core.sampling import draw, sampling_steps
 from dkdm_core.spec import DistillSpec, TeacherTrainSpec, load_yaml, set_dotted
 
 log = logging.getLogger("dkdm")
@@ -69,6 +69,15 @@ def cmd_teacher_train(args: argparse.Namespace) -> None:
     _print_result("teacher training", train_teacher(spec, progress=not args.quiet))
 
 
+def cmd_autoencoder_train(args: argparse.Namespace) -> None:
+    from services.local_engine import make_autoencoder
+
+    if args.steps < 1:
+        raise UsageError("--steps must be at least 1")
+    info = make_autoencoder(args.out, args.steps, args.latent_channels, args.seed)
+    print(f"autoencoder saved to {args.out} (diffusers AutoencoderKL): {json.dumps(info)}")
+
+
 def cmd_distill(args: argparse.Namespace) -> None:
     spec = _load_spec(DistillSpec, args)
     if spec.engine == "ray":
@@ -87,8 +96,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if not args.out.endswith(".npz"):
         raise UsageError("--out must name a .npz file")
     model, card = load_model(args.model)
-    diffusion = sampling_diffusion(card.diffusion, card.learn_sigma, args.steps, args.sampler)
-    samples = generate(model, diffusion, card.sample_shape, args.num, args.seed, args.sampler, args.batch_size)
+    samples = draw(model, card, args.num, args.seed, args.steps, args.sampler, args.batch_size)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if samples.ndim == 4:
@@ -131,11 +139,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
         metrics: dict[str, float] = {}
     else:
         model, card = load_model(args.model)
-        if card.sample_shape != (1, 8, 8):
+        if card.data != "digits" and card.sample_shape != (1, 8, 8):
             raise UsageError(f"digits metrics need a model of 8x8 grey images, got shape {card.sample_shape}")
-        diffusion = sampling_diffusion(card.diffusion, card.learn_sigma, args.steps, args.sampler)
-        images = generate(model, diffusion, card.sample_shape, args.num, args.seed, args.sampler)
-        metrics = {"sample_steps": float(args.steps)}
+        images = draw(model, card, args.num, args.seed, args.steps, args.sampler)
+        if tuple(images.shape[1:]) != (1, 8, 8):
+            raise UsageError(f"digits metrics need 8x8 grey images, the model draws {tuple(images.shape[1:])}")
+        metrics = {"sample_steps": float(sampling_steps(card, args.steps))}
     metrics.update(digits_evaluator().evaluate(images))
     if args.inception:
         from services.inception import inception_fid
@@ -199,7 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(p)
     p.set_defaults(func=cmd_teacher_train)
 
-    p = sub.add_parser("distill", help="distill a student from a teacher without data (DKDM)")
+    ae = sub.add_parser("autoencoder", help="latent space").add_subparsers(dest="ae_command", required=True)
+    p = ae.add_parser("train", help="train a small diffusers AutoencoderKL on the bundled digits")
+    p.add_argument("--out", required=True, help="output folder (diffusers format, safetensors)")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--latent-channels", type=int, default=3, help="8x8 digits -> C x 4 x 4 latents")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_autoencoder_train)
+
+    p = sub.add_parser("distill", help="distill a student from a teacher without data (DKDM, O2MKD, BOOT)")
     config_args(p)
     p.add_argument("--engine", choices=["local", "ray"], help="override the engine")
     p.set_defaults(func=cmd_distill)

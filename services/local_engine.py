@@ -1,7 +1,8 @@
-"""``dkdm distill --engine local``: Algorithm 1 in one process, and ``dkdm teacher train``."""
+"""``dkdm distill --engine local`` (DKDM, O2MKD, BOOT, baselines), ``teacher train``, ``autoencoder train``."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -10,14 +11,24 @@ import numpy as np
 import torch
 
 from dkdm_core.checkpoint import ModelCard, load_model
-from dkdm_core.data import load_dataset, mix_real
+from dkdm_core.data import DatasetName, load_dataset, mix_real
 from dkdm_core.diffusion import make_diffusion
+from dkdm_core.latent import (
+    build_autoencoder,
+    decode,
+    encode,
+    load_autoencoder,
+    save_autoencoder,
+    train_autoencoder,
+)
+from dkdm_core.methods.boot import BootDistiller
 from dkdm_core.models import build_model, count_parameters
 from dkdm_core.pool import NoisePool, pool_size
 from dkdm_core.sampling import generate, sampling_diffusion
 from dkdm_core.spec import DistillSpec, TeacherTrainSpec
+from dkdm_core.students import build_student
 from dkdm_core.training import DataTrainer, Distiller
-from services.evaluation import resolve_path
+from services.evaluation import digits_evaluator, resolve_path
 from services.runner import RunResult, check_resumable, run_training
 
 log = logging.getLogger(__name__)
@@ -36,10 +47,15 @@ def train_teacher(spec: TeacherTrainSpec, progress: bool = True) -> RunResult:
     device = pick_device()
     gen = torch.Generator().manual_seed(spec.seed)
     data = load_dataset(spec.data, gen)
+    autoencoder = None
+    if spec.autoencoder is not None:
+        autoencoder = str(resolve_path(spec.autoencoder).resolve())
+        data = encode(load_autoencoder(autoencoder), data)  # the latent teacher's training set
     if tuple(data.shape[1:]) != spec.model.sample_shape:
+        what = f"{spec.data} encoded by {spec.autoencoder}" if autoencoder else spec.data
         raise ValueError(
             f"model.channels/image_size give samples of shape {spec.model.sample_shape}, "
-            f"but {spec.data} has {tuple(data.shape[1:])}"
+            f"but {what} has {tuple(data.shape[1:])}"
         )
     m = spec.model
     model = build_model(m.arch, m.channels, m.image_size, m.learn_sigma)
@@ -52,6 +68,7 @@ def train_teacher(spec: TeacherTrainSpec, progress: bool = True) -> RunResult:
         learn_sigma=m.learn_sigma,
         diffusion=spec.diffusion,
         data=spec.data,
+        autoencoder=autoencoder,
         info={"kind": "teacher", "parameters": count_parameters(model), "objective": "hybrid"},
     )
     return run_training(
@@ -68,7 +85,7 @@ def build_distiller(
     if spec.objective == "dkdm" and not teacher_card.learn_sigma:
         raise ValueError("objective 'dkdm' needs a teacher with learned variance; use objective: simple")
     torch.manual_seed(spec.seed)
-    student = build_model(spec.student.arch, teacher_card.channels, teacher_card.image_size, teacher_card.learn_sigma)
+    student, card = build_student(spec, teacher_card)
     diff = teacher_card.diffusion
     chain_steps = spec.pool.chain_steps
     if chain_steps is not None and chain_steps > diff.num_timesteps:
@@ -94,8 +111,6 @@ def build_distiller(
         mode=spec.objective,
         device=device,
     )
-    card = teacher_card.model_copy(deep=True)
-    card.arch = spec.student.arch
     card.info = {
         "kind": "student",
         "method": spec.method,
@@ -141,21 +156,23 @@ def train_baseline(spec: DistillSpec, progress: bool = True) -> RunResult:
         if teacher_card.data is None:
             raise ValueError("method data-based needs the teacher's dataset, and this teacher names none")
         data = load_dataset(teacher_card.data, gen)
+        if teacher_card.autoencoder is not None:
+            data = encode(load_autoencoder(teacher_card.autoencoder), data)
     else:
         data = teacher_dataset(spec, teacher, teacher_card, device)
         stats["teacher_calls"] = float(data.shape[0] * spec.baseline.synthetic_steps)
         if spec.method == "data-limited":
             real = load_dataset(teacher_card.data or "digits", gen)
+            if teacher_card.autoencoder is not None:
+                real = encode(load_autoencoder(teacher_card.autoencoder), real)
             data = mix_real(data, real, spec.baseline.real_fraction, gen)
             stats["real_fraction"] = spec.baseline.real_fraction
     stats["dataset_size"] = float(data.shape[0])
     torch.manual_seed(spec.seed)
-    student = build_model(spec.student.arch, teacher_card.channels, teacher_card.image_size, teacher_card.learn_sigma)
+    student, card = build_student(spec, teacher_card)
     diff = teacher_card.diffusion
     diffusion = make_diffusion(diff.schedule, diff.num_timesteps, teacher_card.learn_sigma)
     trainer = DataTrainer(student, diffusion, data, spec.optim, gen, spec.vlb_weight, device)
-    card = teacher_card.model_copy(deep=True)
-    card.arch = spec.student.arch
     card.info = {"kind": "student", "method": spec.method, "teacher": str(spec.teacher), **stats}
     card.info["parameters"] = count_parameters(student)
     return run_training(
@@ -163,11 +180,91 @@ def train_baseline(spec: DistillSpec, progress: bool = True) -> RunResult:
     )
 
 
+def train_boot(spec: DistillSpec, progress: bool = True) -> RunResult:
+    """BOOT: a one-step student bootstrapped along the teacher's chain (``pool.chain_steps`` long)."""
+    out = Path(spec.out)
+    check_resumable(out, spec.model_dump())
+    device = pick_device()
+    teacher, teacher_card = load_model(resolve_path(spec.teacher), device)
+    diff = teacher_card.diffusion
+    chain_steps = spec.pool.chain_steps
+    if chain_steps is not None and chain_steps > diff.num_timesteps:
+        raise ValueError(f"pool.chain_steps={chain_steps} exceeds the teacher's T={diff.num_timesteps}")
+    chain = make_diffusion(diff.schedule, diff.num_timesteps, teacher_card.learn_sigma, respacing=chain_steps)
+    torch.manual_seed(spec.seed)
+    student, card = build_student(spec, teacher_card)
+    trainer = BootDistiller(
+        student,
+        teacher,
+        chain,
+        teacher_card.sample_shape,
+        spec.optim,
+        torch.Generator().manual_seed(spec.seed),
+        spec.boot.boundary_fraction,
+        spec.boot.boundary_weight,
+        device,
+    )
+    card.info = {
+        "kind": "student",
+        "method": "boot",
+        "teacher": str(spec.teacher),
+        "parameters": count_parameters(student),
+        "teacher_parameters": count_parameters(teacher),
+        "chain_steps": chain.num_timesteps,
+    }
+    stats = {"chain_steps": float(chain.num_timesteps)}
+
+    def extra() -> dict[str, float]:
+        return {"teacher_calls": float(trainer.teacher_calls)}
+
+    return run_training(
+        trainer,
+        card,
+        spec.model_dump(),
+        out,
+        spec.steps,
+        spec.run,
+        spec.seed,
+        extra_log=extra,
+        extra_metrics=stats,
+        progress=progress,
+    )
+
+
+def make_autoencoder(
+    out: str | Path, steps: int = 3000, latent_channels: int = 3, seed: int = 0, data: DatasetName = "digits"
+) -> dict[str, float]:
+    """``dkdm autoencoder train``: a small AutoencoderKL on a bundled dataset, saved in diffusers format."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    images = load_dataset(data, gen)
+    if images.ndim != 4:
+        raise ValueError(f"an autoencoder needs image data; {data} holds vectors")
+    ae = build_autoencoder(images.shape[1], images.shape[2], latent_channels).to(pick_device())
+    start = time.perf_counter()
+    train_autoencoder(ae, images, steps, gen)
+    path = save_autoencoder(ae.cpu(), out)
+    latents = encode(ae, images)
+    recon = decode(ae, latents)
+    info = {
+        "train_seconds": time.perf_counter() - start,
+        "reconstruction_mse": float(((recon - images) ** 2).mean()),
+        "scaling_factor": float(ae.config["scaling_factor"]),
+        "latent_dims": float(latents[0].numel()),
+    }
+    if data == "digits":
+        info["reconstruction_digits_fd"] = digits_evaluator().evaluate(recon)["digits_fd"]
+    (path / "metrics.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
 def distill_local(spec: DistillSpec, progress: bool = True) -> RunResult:
-    """Dynamic iterative distillation (Algorithm 1) in this process, or one of the dataset baselines."""
+    """Dynamic iterative distillation (Algorithm 1; one student or O2MKD's N) in this process, BOOT, or a baseline."""
     if spec.run.threads:
         torch.set_num_threads(spec.run.threads)
-    if spec.method != "dkdm":
+    if spec.method == "boot":
+        return train_boot(spec, progress)
+    if spec.method not in ("dkdm", "o2mkd"):
         return train_baseline(spec, progress)
     out = Path(spec.out)
     check_resumable(out, spec.model_dump())  # before the costly pool initialisation

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dkdm_core.checkpoint import ModelCard, list_checkpoints, load_train_state, save_checkpoint, save_model
-from dkdm_core.sampling import generate, sampling_diffusion
+from dkdm_core.sampling import draw, sampling_steps
 from dkdm_core.spec import RunSpec
 from services.evaluation import digits_evaluator
 from services.images import save_grid
@@ -103,11 +103,12 @@ def evaluate_model(
     model: nn.Module, card: ModelCard, run: RunSpec, num: int, seed: int
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Samples from ``model`` and, for digits models, their digits FD and IS analogue."""
-    diffusion = sampling_diffusion(card.diffusion, card.learn_sigma, run.sample_steps, run.sampler)
-    device = next(model.parameters()).device
     start = time.perf_counter()
-    samples = generate(model, diffusion, card.sample_shape, num, seed, run.sampler, device=device)
-    metrics: dict[str, float] = {"sample_seconds_per_image": (time.perf_counter() - start) / num}
+    samples = draw(model, card, num, seed, run.sample_steps, run.sampler)
+    metrics: dict[str, float] = {
+        "sample_seconds_per_image": (time.perf_counter() - start) / num,
+        "sample_steps": float(sampling_steps(card, run.sample_steps)),
+    }
     if card.data == "digits":
         metrics.update(digits_evaluator().evaluate(samples))
     return metrics, samples
@@ -135,7 +136,7 @@ def run_training(
     resumed = resume_latest(trainer, checkpoints)
 
     saved_at = resumed
-    images = len(card.sample_shape) == 3
+    images = len(card.sample_shape) == 3  # latent models decode to images too
 
     def checkpoint() -> None:
         nonlocal saved_at

@@ -33,6 +33,7 @@ from dkdm_core.checkpoint import TRAIN_STATE_FILE, ModelCard, load_model, load_t
 from dkdm_core.models import count_parameters
 from dkdm_core.pool import pool_size
 from dkdm_core.spec import DistillSpec
+from dkdm_core.students import student_card as make_student_card
 from services.engine.actors import BatchQueueActor, PoolShardActor, TeacherReplicaActor
 from services.engine.shard import shard_sizes
 from services.engine.store import JobStore, ModelRegistry
@@ -85,8 +86,7 @@ class Plan:
                 f"ray.shards={spec.ray.shards} splits the pool of {total} into shards smaller than one "
                 f"rank's batch ({rank_batch}); use fewer shards"
             )
-        student_card = card.model_copy(deep=True)
-        student_card.arch = spec.student.arch
+        student_card = make_student_card(spec, card)
         student_card.info = {
             "kind": "student",
             "method": spec.method,

@@ -22,9 +22,8 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from dkdm_core.checkpoint import ModelCard, load_train_state, save_checkpoint, save_model
+from dkdm_core.checkpoint import ModelCard, build_from_card, load_train_state, save_checkpoint, save_model
 from dkdm_core.diffusion import make_diffusion
-from dkdm_core.models import build_model
 from dkdm_core.spec import DistillSpec
 from dkdm_core.training import Learner
 from services.engine.loop import Knowledge
@@ -67,7 +66,7 @@ class StudentLoop:
     def build(cls, spec: DistillSpec, card: ModelCard, device: torch.device, **kwargs: Any) -> StudentLoop:
         """The student as the local engine builds it: same seed, same initial weights, same chain."""
         torch.manual_seed(spec.seed)
-        student = build_model(spec.student.arch, card.channels, card.image_size, card.learn_sigma)
+        student = build_from_card(card)  # one network, or an O2MKD router of several
         diff = card.diffusion
         chain = make_diffusion(diff.schedule, diff.num_timesteps, card.learn_sigma, respacing=spec.pool.chain_steps)
         learner = Learner(student, chain, spec.optim, spec.vlb_weight, spec.objective, device)

@@ -27,7 +27,7 @@ from ray.serve.handle import DeploymentHandle
 from dkdm_core.checkpoint import read_card
 from dkdm_core.data import to_uint8_nhwc
 from dkdm_core.diffusion import Sampler
-from dkdm_core.sampling import generate, sampling_diffusion
+from dkdm_core.sampling import draw
 from services.engine.store import ModelRegistry
 from services.images import grid_image
 
@@ -90,8 +90,7 @@ class StudentSampler:
 
     async def sample(self, num: int, steps: int, sampler: Sampler, seed: int) -> np.ndarray:
         model, card = await self.get_model(serve.get_multiplexed_model_id())
-        diffusion = sampling_diffusion(card.diffusion, card.learn_sigma, steps, sampler)
-        x = generate(model, diffusion, card.sample_shape, num, seed, sampler)
+        x = draw(model, card, num, seed, steps, sampler)  # O2MKD routers, BOOT and latent models too
         return to_uint8_nhwc(x) if x.ndim == 4 else x.numpy()
 
 
