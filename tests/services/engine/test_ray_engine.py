@@ -16,7 +16,7 @@ import ray
 import torch
 import yaml
 
-from dkdm_core.checkpoint import load_train_state
+from dkdm_core.checkpoint import load_model, load_train_state
 from dkdm_core.pool import pool_size
 from dkdm_core.spec import DistillSpec
 from services.engine.driver import NAMESPACE, actor_name, ray_checkpoints, run_job
@@ -213,3 +213,29 @@ def test_dkdm_distill_engine_ray_starts_and_stops_its_own_redis(
     assert "distillation finished: 5 steps" in proc.stdout
     after = subprocess.run(["pgrep", "-c", "redis-server"], capture_output=True, text=True).stdout.strip()
     assert after == before  # the private redis-server is gone again
+
+
+def test_o2mkd_routes_the_shared_pool_to_its_students_on_both_engines(
+    ray_cluster: None, redis_url: str, tiny_teacher: Path, tmp_path: Path
+) -> None:
+    """One knowledge pool feeds 3 students; one rank reproduces the local engine, two ranks run DDP."""
+    spec = engine_spec(tiny_teacher, tmp_path / "ray", steps=12, method="o2mkd", o2mkd__students=3)
+    run_job(spec, "o2mkd-1", redis_url, progress=False)
+    threads = torch.get_num_threads()
+    try:
+        distill_local(spec.model_copy(update={"engine": "local", "out": str(tmp_path / "local")}), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    ray_logs = logged(tmp_path / "ray")
+    local_logs = [r for r in logged(tmp_path / "local") if "loss" in r]
+    assert [r["loss"] for r in ray_logs] == [r["loss"] for r in local_logs]
+    assert all({"mse_s0", "mse_s1", "mse_s2"} & r.keys() for r in ray_logs)
+    card = json.loads((tmp_path / "ray" / "config.json").read_text())
+    assert card["arch"] == "o2mkd-router" and card["router"]["edges"] == [0, 33, 67, 100]
+
+    # Two DDP ranks: a rank whose batch misses a student's interval must still agree on the parameters.
+    two = engine_spec(tiny_teacher, tmp_path / "ddp", steps=12, method="o2mkd", o2mkd__students=4, ray__students=2)
+    result = run_job(two, "o2mkd-2", redis_url, progress=False)
+    assert result.steps == 12 and JobStore(redis_url, "o2mkd-2").state() == "SUCCEEDED"
+    _, loaded = load_model(tmp_path / "ddp")
+    assert loaded.router is not None and len(loaded.router.archs) == 4
