@@ -15,9 +15,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 import requests
 
 from services.engine.embedded import RedisServer, free_port
+from services.engine.store import ModelRegistry
+from tests.conftest import run_dkdm
 from tests.services.conftest import BIN, ROOT, RayHead, cluster_env, ray_head, stop_group, wait_for_http
 from tests.services.control_plane.conftest import TOKEN
 
@@ -122,10 +125,36 @@ def run(head: RayHead, redis_url: str, teacher: Path, tmp: Path) -> None:
                 return result if result and float(result[0]["value"][1]) == 1.0 else []
 
             assert poll("Prometheus to scrape the finished job", scraped, 60)
-        sample(env, f"job-{job_id}")
+        # An O2MKD router and a one-step BOOT student, registered by hand, are served the same way.
+        registry = ModelRegistry(redis.Redis.from_url(redis_url, decode_responses=True))
+        for method, extra in (("o2mkd", ["--set", "o2mkd.students=2"]), ("boot", [])):
+            out = tmp / method
+            run_dkdm(
+                "distill",
+                "--steps",
+                "4",
+                "--out",
+                str(out),
+                "--quiet",
+                "--set",
+                f"teacher={teacher}",
+                "--set",
+                f"method={method}",
+                "--set",
+                "pool.chain_steps=10",
+                "--set",
+                "optim.batch_size=16",
+                "--set",
+                "run.eval_samples=16",
+                "--set",
+                "run.sample_steps=4",
+                *extra,
+            )
+            registry.register(method, str(out))
+        sample(env, f"job-{job_id}", extra_models=["o2mkd", "boot"])
 
 
-def sample(env: dict[str, str], model: str) -> None:
+def sample(env: dict[str, str], model: str, extra_models: list[str]) -> None:
     port = free_port()
     deployed = subprocess.run(
         [str(BIN / "dkdm"), "serve", "sampling", "--port", str(port)], env=env, cwd=ROOT, capture_output=True, text=True
@@ -151,3 +180,8 @@ def sample(env: dict[str, str], model: str) -> None:
     assert requests.post(url, json={"steps": 5000}).status_code == 422
     metrics = requests.get(f"http://127.0.0.1:{port}/metrics").text
     assert f'dkdm_sampling_request_duration_seconds_count{{format="npz",model="{model}"}}' in metrics
+    for name in extra_models:
+        r = requests.post(url.replace(model, name), json={"num": 4, "steps": 5, "format": "npz"})
+        assert r.status_code == 200, r.text
+        with np.load(io.BytesIO(r.content), allow_pickle=False) as data:
+            assert data["arr_0"].shape == (4, 8, 8, 1)
