@@ -14,6 +14,11 @@ that step, written in signal space (the Signal-ODE), is the target for g(ε, j):
 The coefficient is below 1 (the SNR grows as j falls), so the target never divides by a tiny α. At
 the boundary j = K-1 the trajectory starts from ε itself: y_{K-1} = α/(1+σ)·ε (so that α·y + σ·ε = ε
 exactly), and the target is the teacher's first step, essentially its prediction f(ε) since α ≈ 0.
+
+Each error is weighted by ᾱ_{j-1}: the squared error of the trajectory *point* α_{j-1}·y, the part of
+y that the next bootstrap step (and the sample) actually sees. Unweighted, the loss is dominated by
+the top of the chain, where the teacher's x̂_0 from almost pure noise is clipped noise that no later
+step depends on much.
 """
 
 from __future__ import annotations
@@ -117,12 +122,17 @@ class BootDistiller(Trainer):
         eps, j, boundary = self.draw(self.optim.batch_size)
         target = self.targets(eps, j, boundary)
         pred = self.chain.run_model(self.model, eps, j)
-        mse = mean_flat((pred - target) ** 2)  # (B,)
+        mse = mean_flat((pred - target) ** 2)  # (B,) signal-space error
+        weighted = _coef(self.chain.alphas_cumprod_prev, j, mse) * mse  # the error of the point x_{j-1}
         inner = ~boundary
-        bootstrap = mse[inner].mean() if bool(inner.any()) else mse.new_zeros(())
-        loss = bootstrap + self.boundary_weight * mse[boundary].mean()
+        bootstrap = weighted[inner].mean() if bool(inner.any()) else mse.new_zeros(())
+        loss = bootstrap + self.boundary_weight * weighted[boundary].mean()
         logs = self.optimizer_step(LossTerms(loss=loss, mse=mse, vlb=torch.zeros_like(mse)))
-        return {**logs, "boundary": float(mse[boundary].mean().detach()), "bootstrap": float(bootstrap.detach())}
+        return {
+            **logs,
+            "boundary": float(weighted[boundary].mean().detach()),
+            "bootstrap": float(bootstrap.detach()),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "generator": self.generator.get_state(), "teacher_calls": self.teacher_calls}

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dkdm_core.checkpoint import CheckpointError, read_card
 from dkdm_core.spec import DistillSpec
+from dkdm_core.students import student_card
 from services.control_plane.launcher import RayLauncher
 from services.control_plane.settings import Settings
 from services.engine.keys import TERMINAL_STATES
@@ -101,7 +102,18 @@ class JobService:
         data = request.model_dump()
         data.update(teacher=self.check_teacher(request.teacher), engine="ray")
         data["out"] = str(self.settings.runs_dir / job_id)
-        spec = DistillSpec.model_validate(data)
+        try:  # checks that depend on the engine the service picks (ray)
+            spec = DistillSpec.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(p) for p in err["loc"])
+            if not field:  # a cross-field check: it names its first field in its message
+                field = "optim.batch_size" if "optim.batch_size" in err["msg"] else "method"
+            raise InvalidField(field, err["msg"]) from exc
+        try:  # what only the teacher can tell, e.g. O2MKD boundaries beyond its T
+            student_card(spec, read_card(spec.teacher))
+        except ValueError as exc:
+            raise InvalidField("o2mkd.boundaries", str(exc)) from exc
         store = self.store(job_id)
         store.create(spec.model_dump(), state="PENDING", out=spec.out, total_steps=spec.steps, error="")
         try:

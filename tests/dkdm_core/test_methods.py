@@ -195,3 +195,15 @@ def test_boot_step_costs_one_teacher_call_per_sample_and_resumes_exactly() -> No
     b = make()
     b.load_state_dict(state)
     assert [b.step()["loss"] for _ in range(3)] == after
+
+
+def test_every_bundled_config_is_a_valid_spec() -> None:
+    from pathlib import Path
+
+    from dkdm_core.spec import TeacherTrainSpec, load_yaml
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+    assert len(configs) >= 6
+    for path in configs:
+        data = load_yaml(path)
+        (TeacherTrainSpec if "data" in data else DistillSpec).model_validate(data)

@@ -30,7 +30,7 @@ def create_job(request: JobRequest, service: ServiceDep) -> JobCreated:
     try:
         return service.create(request)
     except InvalidField as exc:
-        detail = [{"loc": ["body", exc.field], "msg": str(exc), "type": "value_error"}]
+        detail = [{"loc": ["body", *exc.field.split(".")], "msg": str(exc), "type": "value_error"}]
         raise HTTPException(422, detail) from exc
     except SubmitError as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc

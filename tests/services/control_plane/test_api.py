@@ -80,6 +80,16 @@ def test_a_teacher_folder_inside_the_roots_must_hold_a_model(api: str, tiny_teac
     assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "teacher"]
 
 
+def test_method_fields_the_teacher_or_the_engine_cannot_take_get_422(api: str, tiny_teacher: Path) -> None:
+    body = {**small_job(tiny_teacher), "method": "o2mkd", "o2mkd": {"students": 2, "boundaries": [150]}}
+    response = requests.post(f"{api}/jobs", json=body, headers=AUTH)  # the tiny teacher has T = 100
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "o2mkd", "boundaries"]
+    response = requests.post(f"{api}/jobs", json={**small_job(tiny_teacher), "method": "boot"}, headers=AUTH)
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "method"]
+    assert "knowledge pool" in response.text
+    assert requests.get(f"{api}/jobs").json() == []
+
+
 def test_unknown_and_malformed_job_ids(api: str) -> None:
     assert requests.get(f"{api}/jobs/0123456789ab").status_code == 404
     assert requests.post(f"{api}/jobs/0123456789ab/cancel", headers=AUTH).status_code == 404
