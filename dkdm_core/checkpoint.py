@@ -193,6 +193,8 @@ def export_diffusers(model: nn.Module, card: ModelCard, directory: str | Path) -
     out = Path(directory)
     pipeline = DDPMPipeline(unet=model.net, scheduler=scheduler)
     pipeline.save_pretrained(str(out), safe_serialization=True)  # type: ignore[attr-defined]
+    if card.autoencoder is not None:  # a latent model: its AutoencoderKL goes along as vae/
+        shutil.copytree(card.autoencoder, out / "vae", dirs_exist_ok=True)
     (out / "dkdm_card.json").write_text(card.model_dump_json(indent=2))
     return out
 
@@ -235,6 +237,8 @@ def import_diffusers(directory: Path, device: str | torch.device = "cpu") -> tup
         diffusion=DiffusionSpec(schedule=schedule, num_timesteps=t),
         info={"imported_from": str(directory)},
     )
+    if (directory / "vae" / "config.json").is_file():  # a latent pipeline: samples decode through its vae
+        card.autoencoder = str((directory / "vae").resolve())
     return model.to(device).eval(), card
 
 

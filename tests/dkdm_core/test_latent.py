@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dkdm_core.checkpoint import AUTOENCODER_DIR, ModelCard, load_model, read_card, save_model
+from dkdm_core.checkpoint import AUTOENCODER_DIR, ModelCard, export_diffusers, load_model, read_card, save_model
 from dkdm_core.data import load_dataset
 from dkdm_core.latent import (
     AutoencoderError,
@@ -94,3 +94,25 @@ def test_a_latent_model_folder_carries_its_autoencoder(tmp_path: Path, trained) 
     # Saving a model whose card came from a loaded latent model copies the autoencoder again.
     save_model(tmp_path / "again", loaded, read_card(tmp_path / "moved"))
     assert (tmp_path / "again" / AUTOENCODER_DIR / "config.json").is_file()
+
+
+def test_a_latent_unet_exports_to_and_imports_from_a_diffusers_folder_with_its_vae(tmp_path: Path, trained) -> None:
+    path, _, _ = trained
+    card = ModelCard(
+        arch="unet-tiny",
+        channels=3,
+        image_size=4,
+        learn_sigma=False,
+        diffusion=DiffusionSpec(num_timesteps=100),
+        autoencoder=str(path),
+    )
+
+    model = build_model("unet-tiny", 3, 4, False).eval()
+    export_diffusers(model, card, tmp_path / "pipe")
+    assert (tmp_path / "pipe" / "vae" / "config.json").is_file()
+    loaded, loaded_card = load_model(tmp_path / "pipe")
+    assert loaded_card.autoencoder == str((tmp_path / "pipe" / "vae").resolve())
+    a = draw(model, card, 4, seed=0, steps=3)
+    b = draw(loaded, loaded_card, 4, seed=0, steps=3)
+    assert a.shape == (4, 1, 8, 8)
+    torch.testing.assert_close(a, b)
