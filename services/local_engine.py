@@ -12,7 +12,7 @@ import torch
 
 from dkdm_core.checkpoint import ModelCard, load_model
 from dkdm_core.data import DatasetName, load_dataset, mix_real
-from dkdm_core.diffusion import make_diffusion
+from dkdm_core.diffusion import GaussianDiffusion, make_diffusion
 from dkdm_core.latent import (
     build_autoencoder,
     decode,
@@ -25,7 +25,7 @@ from dkdm_core.methods.boot import BootDistiller
 from dkdm_core.models import build_model, count_parameters
 from dkdm_core.pool import NoisePool, pool_size
 from dkdm_core.sampling import generate, sampling_diffusion
-from dkdm_core.spec import DistillSpec, TeacherTrainSpec
+from dkdm_core.spec import POOL_METHODS, DistillSpec, TeacherTrainSpec
 from dkdm_core.students import build_student
 from dkdm_core.training import DataTrainer, Distiller
 from services.evaluation import digits_evaluator, resolve_path
@@ -76,6 +76,15 @@ def train_teacher(spec: TeacherTrainSpec, progress: bool = True) -> RunResult:
     )
 
 
+def teacher_chain(spec: DistillSpec, teacher_card: ModelCard) -> GaussianDiffusion:
+    """The chain the teacher steps along: its T steps, respaced to ``pool.chain_steps`` when set."""
+    diff = teacher_card.diffusion
+    chain_steps = spec.pool.chain_steps
+    if chain_steps is not None and chain_steps > diff.num_timesteps:
+        raise ValueError(f"pool.chain_steps={chain_steps} exceeds the teacher's T={diff.num_timesteps}")
+    return make_diffusion(diff.schedule, diff.num_timesteps, teacher_card.learn_sigma, respacing=chain_steps)
+
+
 def build_distiller(
     spec: DistillSpec, device: torch.device | None = None
 ) -> tuple[Distiller, ModelCard, dict[str, float]]:
@@ -86,11 +95,7 @@ def build_distiller(
         raise ValueError("objective 'dkdm' needs a teacher with learned variance; use objective: simple")
     torch.manual_seed(spec.seed)
     student, card = build_student(spec, teacher_card)
-    diff = teacher_card.diffusion
-    chain_steps = spec.pool.chain_steps
-    if chain_steps is not None and chain_steps > diff.num_timesteps:
-        raise ValueError(f"pool.chain_steps={chain_steps} exceeds the teacher's T={diff.num_timesteps}")
-    chain = make_diffusion(diff.schedule, diff.num_timesteps, teacher_card.learn_sigma, respacing=chain_steps)
+    chain = teacher_chain(spec, teacher_card)
     b = spec.optim.batch_size
     size = pool_size(spec.pool.strategy, b, chain.num_timesteps, spec.pool.rho)
     pool = NoisePool(
@@ -186,11 +191,7 @@ def train_boot(spec: DistillSpec, progress: bool = True) -> RunResult:
     check_resumable(out, spec.model_dump())
     device = pick_device()
     teacher, teacher_card = load_model(resolve_path(spec.teacher), device)
-    diff = teacher_card.diffusion
-    chain_steps = spec.pool.chain_steps
-    if chain_steps is not None and chain_steps > diff.num_timesteps:
-        raise ValueError(f"pool.chain_steps={chain_steps} exceeds the teacher's T={diff.num_timesteps}")
-    chain = make_diffusion(diff.schedule, diff.num_timesteps, teacher_card.learn_sigma, respacing=chain_steps)
+    chain = teacher_chain(spec, teacher_card)
     torch.manual_seed(spec.seed)
     student, card = build_student(spec, teacher_card)
     trainer = BootDistiller(
@@ -264,7 +265,7 @@ def distill_local(spec: DistillSpec, progress: bool = True) -> RunResult:
         torch.set_num_threads(spec.run.threads)
     if spec.method == "boot":
         return train_boot(spec, progress)
-    if spec.method not in ("dkdm", "o2mkd"):
+    if spec.method not in POOL_METHODS:
         return train_baseline(spec, progress)
     out = Path(spec.out)
     check_resumable(out, spec.model_dump())  # before the costly pool initialisation

@@ -9,27 +9,19 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_dkdm
-
-TINY = [
-    "--quiet",
-    "--set",
-    "pool.chain_steps=10",
-    "--set",
-    "optim.batch_size=16",
-    "--set",
-    "run.log_every=1",
-    "--set",
-    "run.checkpoint_every=10",
-    "--set",
-    "run.eval_samples=32",
-    "--set",
-    "run.sample_steps=5",
-]
+from tests.services.test_local_engine import distill as tiny_distill
 
 
 def distill(teacher: Path, out: Path, steps: int, *extra: str) -> dict:
-    run_dkdm("distill", "--steps", str(steps), "--out", str(out), "--set", f"teacher={teacher}", *TINY, *extra)
+    tiny_distill(teacher, out, steps, *extra)
     return json.loads((out / "metrics.json").read_text())
+
+
+def train_teacher(out: Path, *extra: str) -> None:
+    """A T = 100 teacher trained for 10 steps: real, cheap, loadable."""
+    tiny = ["diffusion.num_timesteps=100", "optim.batch_size=16", "run.eval_samples=16", "run.sample_steps=4"]
+    sets = [arg for item in (*tiny, *extra) for arg in ("--set", item)]
+    run_dkdm("teacher", "train", "--steps", "10", "--out", str(out), "--quiet", *sets)
 
 
 def sample(model: Path, out: Path, *extra: str) -> np.ndarray:
@@ -38,21 +30,13 @@ def sample(model: Path, out: Path, *extra: str) -> np.ndarray:
         return data["arr_0"]
 
 
+O2MKD = ["--set", "method=o2mkd", "--set", "o2mkd.boundaries=[20, 50]", "--set", "o2mkd.students=3"]
+O2MKD += ["--set", "o2mkd.archs=[unet-tiny, vit-tiny, unet-tiny]"]
+
+
 def test_o2mkd_trains_students_by_interval_and_samples_through_the_router(tiny_teacher: Path, tmp_path: Path) -> None:
     out = tmp_path / "o2mkd"
-    metrics = distill(
-        tiny_teacher,
-        out,
-        12,
-        "--set",
-        "method=o2mkd",
-        "--set",
-        "o2mkd.boundaries=[20, 50]",
-        "--set",
-        "o2mkd.students=3",
-        "--set",
-        "o2mkd.archs=[unet-tiny, vit-tiny, unet-tiny]",
-    )
+    metrics = distill(tiny_teacher, out, 12, *O2MKD)
     card = json.loads((out / "config.json").read_text())
     assert card["router"] == {"archs": ["unet-tiny", "vit-tiny", "unet-tiny"], "edges": [0, 20, 50, 100]}
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -60,19 +44,7 @@ def test_o2mkd_trains_students_by_interval_and_samples_through_the_router(tiny_t
     assert "digits_fd" in metrics and metrics["steps"] == 12
     assert sample(out, tmp_path / "s.npz").shape == (6, 8, 8, 1)
     # Resuming continues the three students from their checkpoint.
-    distill(
-        tiny_teacher,
-        out,
-        20,
-        "--set",
-        "method=o2mkd",
-        "--set",
-        "o2mkd.boundaries=[20, 50]",
-        "--set",
-        "o2mkd.students=3",
-        "--set",
-        "o2mkd.archs=[unet-tiny, vit-tiny, unet-tiny]",
-    )
+    distill(tiny_teacher, out, 20, *O2MKD)
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines() if "loss" in line]
     assert steps == list(range(1, 21))
 
@@ -98,25 +70,7 @@ def test_boot_runs_only_on_the_local_engine(tiny_teacher: Path, tmp_path: Path) 
 
 def test_vit_teacher_distills_into_a_unet_student(tmp_path: Path) -> None:
     teacher = tmp_path / "vit-teacher"
-    run_dkdm(
-        "teacher",
-        "train",
-        "--steps",
-        "10",
-        "--out",
-        str(teacher),
-        "--quiet",
-        "--set",
-        "model.arch=vit-tiny",
-        "--set",
-        "diffusion.num_timesteps=100",
-        "--set",
-        "optim.batch_size=16",
-        "--set",
-        "run.eval_samples=16",
-        "--set",
-        "run.sample_steps=4",
-    )
+    train_teacher(teacher, "model.arch=vit-tiny")
     distill(teacher, tmp_path / "student", 10, "--set", "student.arch=unet-tiny")
     card = json.loads((tmp_path / "student" / "config.json").read_text())
     assert card["arch"] == "unet-tiny" and card["info"]["teacher"] == str(teacher)
@@ -128,32 +82,13 @@ def test_latent_pipeline_autoencoder_teacher_student_sample(tmp_path: Path) -> N
     proc = run_dkdm("autoencoder", "train", "--out", str(ae), "--steps", "20", "--latent-channels", "2")
     assert "reconstruction_digits_fd" in proc.stdout and (ae / "diffusion_pytorch_model.safetensors").is_file()
     teacher = tmp_path / "latent-teacher"
-    run_dkdm(
-        "teacher",
-        "train",
-        "--steps",
-        "10",
-        "--out",
-        str(teacher),
-        "--quiet",
-        "--set",
+    train_teacher(
+        teacher,
         f"autoencoder={ae}",
-        "--set",
         "model.arch=unet-tiny",
-        "--set",
         "model.channels=2",
-        "--set",
         "model.image_size=4",
-        "--set",
         "model.learn_sigma=false",
-        "--set",
-        "diffusion.num_timesteps=100",
-        "--set",
-        "optim.batch_size=16",
-        "--set",
-        "run.eval_samples=16",
-        "--set",
-        "run.sample_steps=4",
     )
     student = tmp_path / "latent-student"
     metrics = distill(teacher, student, 10, "--set", "objective=simple", "--set", "student.arch=vit-tiny")
