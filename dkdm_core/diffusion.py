@@ -3,7 +3,9 @@
 Conventions, shared with improved-diffusion and diffusers:
 
 * A timestep is an integer index ``t`` in ``[0, T-1]``; index ``t`` is the paper's step ``t+1``.
-* Schedules are computed in float64 numpy and gathered into the dtype of the tensor they scale.
+* Schedules are computed in float64 numpy and gathered into the dtype of the tensor they scale. The
+  gathers read float64 torch copies kept per device (made on first use), so a training step on a GPU
+  never copies a table from the host.
 * The maths takes *model outputs*, not models: ``p_mean_variance(model_output, x_t, t)``. A teacher's
   output is computed once and reused for the pool update and for the student's target.
 * A respaced diffusion (``respace``) keeps a subset of the original timesteps; ``timestep_map``
@@ -72,12 +74,6 @@ def space_timesteps(num_timesteps: int, section_counts: str | int) -> list[int]:
         kept += [start + round(stride * j) for j in range(count)]
         start += size
     return kept
-
-
-def _gather(values: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """values[t] broadcast to ``like``'s shape: (B,) -> (B, 1, ..., 1)."""
-    out = torch.from_numpy(values).to(device=t.device)[t].to(like.dtype)
-    return out.reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -160,6 +156,27 @@ class GaussianDiffusion:
         # Eq. (7): μ̃_t = coef1 · x_0 + coef2 · x_t.
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        self.log_betas = np.log(betas)
+        self.sqrt_alphas_cumprod_prev = np.sqrt(self.alphas_cumprod_prev)
+        self.sqrt_one_minus_alphas_cumprod_prev = np.sqrt(1.0 - self.alphas_cumprod_prev)
+        self._tables: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def __getstate__(self) -> dict[str, object]:
+        # Device copies are a cache: a pickled diffusion (sent to another process) rebuilds its own.
+        return {**self.__dict__, "_tables": {}}
+
+    def table(self, name: str, device: torch.device) -> torch.Tensor:
+        """The numpy table ``name`` as a tensor on ``device`` (float64; int64 for ``timestep_map``), cached."""
+        key = (name, device)
+        found = self._tables.get(key)
+        if found is None:
+            found = self._tables[key] = torch.from_numpy(getattr(self, name)).to(device)
+        return found
+
+    def gather(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """table[t] in ``like``'s dtype, broadcast to its shape: (B,) -> (B, 1, ..., 1)."""
+        out = self.table(name, t.device)[t].to(like.dtype)
+        return out.reshape(-1, *([1] * (like.ndim - 1)))
 
     @property
     def out_channels_factor(self) -> int:
@@ -167,7 +184,7 @@ class GaussianDiffusion:
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Indices of this (possibly respaced) diffusion -> the original t the network expects."""
-        return torch.from_numpy(self.timestep_map).to(t.device)[t]
+        return self.table("timestep_map", t.device)[t]
 
     def run_model(self, model: ModelFn, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return model(x_t, self.model_timesteps(t))
@@ -177,26 +194,26 @@ class GaussianDiffusion:
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Eq. (4): x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε."""
         return (
-            _gather(self.sqrt_alphas_cumprod, t, x_start) * x_start
-            + _gather(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
+            self.gather("sqrt_alphas_cumprod", t, x_start) * x_start
+            + self.gather("sqrt_one_minus_alphas_cumprod", t, x_start) * noise
         )
 
     def q_posterior_mean_variance(
         self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Eqs. (5)-(7): mean and clipped log variance of q(x_{t-1} | x_t, x_0)."""
-        mean = _gather(self.posterior_mean_coef1, t, x_t) * x_start + _gather(self.posterior_mean_coef2, t, x_t) * x_t
-        return mean, _gather(self.posterior_log_variance_clipped, t, x_t)
+        mean = self.gather("posterior_mean_coef1", t, x_t) * x_start + self.gather("posterior_mean_coef2", t, x_t) * x_t
+        return mean, self.gather("posterior_log_variance_clipped", t, x_t)
 
     def predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         return (
-            _gather(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-            - _gather(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+            self.gather("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+            - self.gather("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
         )
 
     def predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor) -> torch.Tensor:
-        return (_gather(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart) / _gather(
-            self.sqrt_recipm1_alphas_cumprod, t, x_t
+        return (self.gather("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart) / self.gather(
+            "sqrt_recipm1_alphas_cumprod", t, x_t
         )
 
     # Reverse process -------------------------------------------------------------------------
@@ -216,8 +233,8 @@ class GaussianDiffusion:
 
     def log_variance_from_v(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Eq. (12): log Σ = frac · log β_t + (1 - frac) · log β̃_t, frac = (v + 1) / 2."""
-        min_log = _gather(self.posterior_log_variance_clipped, t, v)
-        max_log = _gather(np.log(self.betas), t, v)
+        min_log = self.gather("posterior_log_variance_clipped", t, v)
+        max_log = self.gather("log_betas", t, v)
         frac = (v + 1) / 2
         return frac * max_log + (1 - frac) * min_log
 
@@ -235,7 +252,7 @@ class GaussianDiffusion:
         if v is not None:
             log_variance = self.log_variance_from_v(v, t)
         else:
-            log_variance = _gather(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
+            log_variance = self.gather("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
         # 3. Eq. (4) inverted: x̂_0 from ε, clipped to the data range.
         pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
         if clip_denoised:
@@ -269,8 +286,8 @@ class GaussianDiffusion:
         """DDIM (Song et al., Eq. 12); ε is re-derived from the clipped x̂_0 as improved-diffusion does."""
         step = self.p_mean_variance(model_output, x_t, t, clip_denoised)
         eps = self.predict_eps_from_xstart(x_t, t, step.pred_xstart)
-        alpha_bar = _gather(self.alphas_cumprod, t, x_t)
-        alpha_bar_prev = _gather(self.alphas_cumprod_prev, t, x_t)
+        alpha_bar = self.gather("alphas_cumprod", t, x_t)
+        alpha_bar_prev = self.gather("alphas_cumprod_prev", t, x_t)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         x_prev = step.pred_xstart * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
         if eta > 0:

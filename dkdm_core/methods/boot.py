@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -35,14 +34,9 @@ from dkdm_core.spec import OptimSpec
 from dkdm_core.training import Trainer
 
 
-def _coef(values: np.ndarray, j: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    out = torch.from_numpy(values).to(device=like.device, dtype=like.dtype)[j]
-    return out.reshape(-1, *([1] * (like.ndim - 1)))
-
-
 def alpha_sigma(chain: GaussianDiffusion, j: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(α_j, σ_j) of chain index j, shaped to broadcast over ``like``."""
-    return _coef(chain.sqrt_alphas_cumprod, j, like), _coef(chain.sqrt_one_minus_alphas_cumprod, j, like)
+    return chain.gather("sqrt_alphas_cumprod", j, like), chain.gather("sqrt_one_minus_alphas_cumprod", j, like)
 
 
 def boundary_signal(chain: GaussianDiffusion, eps: torch.Tensor) -> torch.Tensor:
@@ -64,8 +58,8 @@ def bootstrap_target(
     """The signal after the teacher's DDIM step from (x_j, j), given x_j's signal y (Signal-ODE form)."""
     f = chain.p_mean_variance(teacher_output, x_t, j, clip_denoised=True).pred_xstart
     alpha, sigma = alpha_sigma(chain, j, x_t)
-    alpha_prev = _coef(np.sqrt(chain.alphas_cumprod_prev), j, x_t)
-    sigma_prev = _coef(np.sqrt(1.0 - chain.alphas_cumprod_prev), j, x_t)
+    alpha_prev = chain.gather("sqrt_alphas_cumprod_prev", j, x_t)
+    sigma_prev = chain.gather("sqrt_one_minus_alphas_cumprod_prev", j, x_t)
     return f + (sigma_prev * alpha) / (alpha_prev * sigma) * (y - f)
 
 
@@ -123,7 +117,7 @@ class BootDistiller(Trainer):
         target = self.targets(eps, j, boundary)
         pred = self.chain.run_model(self.model, eps, j)
         mse = mean_flat((pred - target) ** 2)  # (B,) signal-space error
-        weighted = _coef(self.chain.alphas_cumprod_prev, j, mse) * mse  # the error of the point x_{j-1}
+        weighted = self.chain.gather("alphas_cumprod_prev", j, mse) * mse  # the error of the point x_{j-1}
         inner = ~boundary
         bootstrap = weighted[inner].mean() if bool(inner.any()) else mse.new_zeros(())
         loss = bootstrap + self.boundary_weight * weighted[boundary].mean()
