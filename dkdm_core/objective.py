@@ -26,12 +26,9 @@ class LossTerms:
     mse: torch.Tensor  # (B,)
     vlb: torch.Tensor  # (B,) bits/dim; zeros when the variance is not learned
 
-    def as_floats(self) -> dict[str, float]:
-        return {
-            "loss": float(self.loss.detach()),
-            "mse": float(self.mse.detach().mean()),
-            "vlb": float(self.vlb.detach().mean()),
-        }
+    def as_tensors(self) -> dict[str, torch.Tensor]:
+        """The logged means, still on the device: reading them is left to the steps that log."""
+        return {"loss": self.loss.detach(), "mse": self.mse.detach().mean(), "vlb": self.vlb.detach().mean()}
 
 
 def _freeze_mean(diffusion: GaussianDiffusion, model_output: torch.Tensor, channels: int) -> torch.Tensor:

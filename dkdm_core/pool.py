@@ -79,16 +79,32 @@ class NoisePool:
         self.chain_length = chain_length
         self.sample_shape = tuple(sample_shape)
         self.generator = generator
-        self.x = torch.randn((size, *self.sample_shape), generator=generator)  # (N, C, H, W)
-        self.t = torch.full((size,), chain_length - 1, dtype=torch.long)  # (N,)
-        self.leased = torch.zeros(size, dtype=torch.bool)  # (N,)
+        # The pool lives where its generator does: on a GPU, leases and returns never leave it.
+        device = generator.device
+        self.x = torch.randn((size, *self.sample_shape), generator=generator, device=device)  # (N, C, H, W)
+        self.t = torch.full((size,), chain_length - 1, dtype=torch.long, device=device)  # (N,)
+        self.leased = torch.zeros(size, dtype=torch.bool, device=device)  # (N,)
         self.leases: dict[int, _Outstanding] = {}
         self.next_lease_id = 0
-        self.finished = 0  # trajectories that reached t = 0 and restarted
+        # Trajectories that reached t = 0 and restarted; a device tensor on a GPU, read when logged.
+        self._finished: int | torch.Tensor = 0
+
+    @property
+    def finished(self) -> int:
+        return int(self._finished)
+
+    @property
+    def sync_free(self) -> bool:
+        """On a GPU every step avoids data-dependent shapes, which would make the host wait for the device."""
+        return self.device.type != "cpu"
 
     @property
     def size(self) -> int:
         return self.x.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
 
     # Initialisation ---------------------------------------------------------------------------
 
@@ -97,7 +113,7 @@ class NoisePool:
 
         Costs about T/2 teacher evaluations per sample; returns the number spent.
         """
-        targets = torch.randint(0, self.chain_length, (self.size,), generator=self.generator)
+        targets = torch.randint(0, self.chain_length, (self.size,), generator=self.generator, device=self.device)
         evaluations = 0
         while True:
             active = torch.nonzero(self.t > targets).squeeze(1)
@@ -121,14 +137,15 @@ class NoisePool:
         if not 1 <= k <= chain:
             raise ValueError(f"per_trajectory must be in [1, {chain}], got {k}")
         # 1. Slot i belongs to trajectory i // k and band i % k; its tap is a uniform t in the band.
-        slots = torch.arange(self.size)
+        slots = torch.arange(self.size, device=self.device)
         trajectory, band = slots // k, slots % k
-        u = torch.rand(self.size, generator=self.generator)
+        u = torch.rand(self.size, generator=self.generator, device=self.device)
         taps = ((band + u) * chain / k).long().clamp(max=chain - 1)  # (N,)
         num = int(trajectory[-1]) + 1
-        lowest = torch.full((num,), chain, dtype=torch.long).scatter_reduce(0, trajectory, taps, "amin")
+        lowest = torch.full((num,), chain, dtype=torch.long, device=self.device)
+        lowest = lowest.scatter_reduce(0, trajectory, taps, "amin")
         # 2. Run every trajectory down from fresh noise, copying it into the slots that tap it.
-        x = torch.randn((num, *self.sample_shape), generator=self.generator)  # (J, C, H, W)
+        x = torch.randn((num, *self.sample_shape), generator=self.generator, device=self.device)  # (J, C, H, W)
         evaluations = 0
         for step in reversed(range(chain)):
             hit = torch.nonzero(taps == step).squeeze(1)
@@ -138,7 +155,7 @@ class NoisePool:
             if active.numel() == 0:
                 break
             for ids in active.split(batch_size):
-                x[ids] = denoise(x[ids], torch.full((ids.numel(),), step, dtype=torch.long))
+                x[ids] = denoise(x[ids], torch.full((ids.numel(),), step, dtype=torch.long, device=self.device))
                 evaluations += ids.numel()
         return evaluations
 
@@ -159,18 +176,29 @@ class NoisePool:
 
         The lease expires at ``now + timeout`` (see ``expire``); by default it never does.
         """
-        free = torch.nonzero(~self.leased).squeeze(1)
-        if free.numel() < batch_size:
-            raise RuntimeError(f"pool has {free.numel()} free samples, {batch_size} requested")
-        if self.strategy == "dynamic":
-            ids = free[torch.randperm(free.numel(), generator=self.generator)[:batch_size]]
-        else:
-            ids = free[:batch_size]
+        ids = self._free_ids(batch_size)
         self.leased[ids] = True
         lease_id = self.next_lease_id
         self.next_lease_id += 1
         self.leases[lease_id] = _Outstanding(ids=ids, deadline=now + timeout)
-        return Lease(lease_id=lease_id, ids=ids, x_t=self.x[ids].clone(), t=self.t[ids].clone())
+        return Lease(lease_id=lease_id, ids=ids, x_t=self.x[ids], t=self.t[ids])  # indexing copies
+
+    def _free_ids(self, batch_size: int) -> torch.Tensor:
+        """``batch_size`` ids of unleased samples: random (dynamic) or the first ones in order."""
+        if not self.leases:
+            # Every sample is free, so no search (whose result size the host would wait for): the
+            # same ids, from the same generator draws, as the search below would give.
+            if self.size < batch_size:
+                raise RuntimeError(f"pool has {self.size} free samples, {batch_size} requested")
+            if self.strategy == "dynamic":
+                return torch.randperm(self.size, generator=self.generator, device=self.device)[:batch_size]
+            return torch.arange(batch_size, device=self.device)
+        free = torch.nonzero(~self.leased).squeeze(1)
+        if free.numel() < batch_size:
+            raise RuntimeError(f"pool has {free.numel()} free samples, {batch_size} requested")
+        if self.strategy == "dynamic":
+            return free[torch.randperm(free.numel(), generator=self.generator, device=self.device)[:batch_size]]
+        return free[:batch_size]
 
     def _close(self, lease_id: int) -> torch.Tensor:
         outstanding = self.leases.pop(lease_id, None)
@@ -185,13 +213,24 @@ class NoisePool:
         if outstanding is not None and x_prev.shape != (outstanding.ids.numel(), *self.sample_shape):
             raise ValueError(f"put() got shape {tuple(x_prev.shape)} for {outstanding.ids.numel()} samples")
         ids = self._close(lease_id)
-        self.x[ids] = x_prev.to(self.x.dtype)
+        x_prev = x_prev.to(device=self.device, dtype=self.x.dtype)
+        if self.sync_free:
+            # Fresh noise for the whole lease, kept where a trajectory finished: no data-dependent
+            # shape. (Other draws than the CPU path below, which only draws for finished samples.)
+            t_prev = self.t[ids] - 1
+            restart = t_prev < 0  # (b,)
+            fresh = torch.randn(x_prev.shape, generator=self.generator, device=self.device)
+            self.x[ids] = torch.where(restart.view(-1, *([1] * len(self.sample_shape))), fresh, x_prev)
+            self.t[ids] = torch.where(restart, torch.full_like(t_prev, self.chain_length - 1), t_prev)
+            self._finished = self._finished + restart.sum()
+            return
+        self.x[ids] = x_prev
         self.t[ids] -= 1
         done = ids[self.t[ids] < 0]
         if done.numel():
             self.x[done] = torch.randn((done.numel(), *self.sample_shape), generator=self.generator)
             self.t[done] = self.chain_length - 1
-            self.finished += done.numel()
+            self._finished = self.finished + done.numel()
 
     def release(self, lease_id: int) -> None:
         """Give a lease's samples back unchanged (the teacher holding it gave up or died)."""
@@ -226,10 +265,11 @@ class NoisePool:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if int(state["chain_length"]) != self.chain_length or tuple(state["x"].shape[1:]) != self.sample_shape:
             raise ValueError("pool snapshot does not match this pool's chain length or sample shape")
-        self.x = state["x"].clone()
-        self.t = state["t"].clone()
-        self.leased = torch.zeros(self.x.shape[0], dtype=torch.bool)
+        device = self.device
+        self.x = state["x"].to(device, copy=True)
+        self.t = state["t"].to(device, copy=True)
+        self.leased = torch.zeros(self.x.shape[0], dtype=torch.bool, device=device)
         self.leases = {}
-        self.finished = int(state["finished"])
+        self._finished = int(state["finished"])
         self.next_lease_id = int(state["next_lease_id"])
         self.generator.set_state(state["generator"])

@@ -9,17 +9,31 @@ draws from its own generator (which samples to take, restart noise) and the teac
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from dkdm_core.diffusion import GaussianDiffusion
+from dkdm_core.diffusion import GaussianDiffusion, ModelFn
 from dkdm_core.methods.o2mkd import TimestepRouter
 from dkdm_core.objective import LossTerms, ObjectiveMode, dkdm_loss, hybrid_loss
 from dkdm_core.pool import Lease, NoisePool, PoolInit
+from dkdm_core.runtime import CPU_FP32, FrozenTeacher, Runtime, compiled
 from dkdm_core.spec import OptimSpec
+
+# A step's logs stay on the device as tensors (no host synchronisation); ``read_logs`` turns them
+# into numbers, once, on the steps that log.
+StepLogs = dict[str, torch.Tensor | float]
+
+
+def read_logs(logs: StepLogs) -> dict[str, float]:
+    """Numbers from a step's logs with one device-to-host copy; NaN entries (absent students) dropped."""
+    keys = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
+    values = torch.stack([logs[k].detach().float().reshape(()) for k in keys]).tolist() if keys else []  # type: ignore[union-attr]
+    out = {k: float(v) for k, v in logs.items() if not isinstance(v, torch.Tensor)}
+    out.update({k: v for k, v in zip(keys, values, strict=True) if v == v})
+    return out
 
 
 class EMA:
@@ -31,29 +45,53 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+        # One multi-tensor lerp instead of a kernel per parameter (the CPU result is the same).
+        ema_params: list[torch.Tensor] = list(self.model.parameters())
+        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - self.decay)
         for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
             ema_b.copy_(b)
 
 
 class Trainer:
-    """Optimiser, warm-up, gradient clipping and EMA around one model; subclasses define ``step``."""
+    """Optimiser, warm-up, gradient clipping and EMA around one model; subclasses define ``step``.
 
-    def __init__(self, model: nn.Module, optim: OptimSpec, device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
+    ``runtime`` says where and how the student runs (device, precision, compilation); the default is
+    fp32 on the CPU. ``forward`` is what the loss runs through: the model, compiled, or a data-parallel
+    wrapper; weights, EMA and optimiser state are always the unwrapped model's.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optim: OptimSpec,
+        device: torch.device | str = "cpu",
+        runtime: Runtime | None = None,
+    ) -> None:
+        self.runtime = runtime or replace(CPU_FP32, device=torch.device(device))
+        self.device = self.runtime.device
         self.model = model.to(self.device).train()
         self.optim = optim
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+        # Fused AdamW on a GPU: one kernel for every parameter instead of a handful per parameter.
+        fused = True if self.runtime.cuda else None
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, fused=fused
+        )
         warmup = max(optim.warmup_steps, 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.ema = EMA(self.model, optim.ema_decay)
         self.steps_done = 0
+        self.forward: nn.Module = compiled(self.model, self.runtime)
         # Gradients are clipped per network: each O2MKD student on its own, as if trained alone.
         parts = model.parts if isinstance(model, TimestepRouter) else [model]
         self.clip_groups = [list(p.parameters()) for p in parts]
 
-    def optimizer_step(self, terms: LossTerms) -> dict[str, float]:
+    def run_student(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The student's output in fp32, its forward pass in the runtime's precision."""
+        with self.runtime.autocast():
+            out = self.forward(x_t, t)
+        return out.float()
+
+    def optimizer_step(self, terms: LossTerms) -> StepLogs:
         self.optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
         norms = [torch.nn.utils.clip_grad_norm_(group, self.optim.grad_clip) for group in self.clip_groups]
@@ -62,7 +100,7 @@ class Trainer:
         self.scheduler.step()
         self.ema.update(self.model)
         self.steps_done += 1
-        return {**terms.as_floats(), "grad_norm": float(grad_norm), "lr": float(self.scheduler.get_last_lr()[0])}
+        return {**terms.as_tensors(), "grad_norm": grad_norm, "lr": float(self.scheduler.get_last_lr()[0])}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -93,21 +131,23 @@ class DataTrainer(Trainer):
         generator: torch.Generator,
         vlb_weight: float = 0.001,
         device: torch.device | str = "cpu",
+        runtime: Runtime | None = None,
     ) -> None:
-        super().__init__(model, optim, device)
+        super().__init__(model, optim, device, runtime)
         self.diffusion = diffusion
         self.data = data
         self.generator = generator
         self.vlb_weight = vlb_weight
 
-    def step(self) -> dict[str, float]:
+    def step(self) -> StepLogs:
+        self.runtime.begin_step()
         b = self.optim.batch_size
         idx = torch.randint(0, self.data.shape[0], (b,), generator=self.generator)
         t = torch.randint(0, self.diffusion.num_timesteps, (b,), generator=self.generator)
         noise = torch.randn((b, *self.data.shape[1:]), generator=self.generator)
         x_start, t, noise = self.data[idx].to(self.device), t.to(self.device), noise.to(self.device)
         x_t = self.diffusion.q_sample(x_start, t, noise)  # (B, C, H, W)
-        out = self.diffusion.run_model(self.model, x_t, t)
+        out = self.diffusion.run_model(self.run_student, x_t, t)
         return self.optimizer_step(hybrid_loss(self.diffusion, out, x_start, x_t, t, noise, self.vlb_weight))
 
     def state_dict(self) -> dict[str, Any]:
@@ -139,9 +179,11 @@ def teacher_step(
 ) -> KnowledgeBatch:
     """One no-grad teacher call on the chain: outputs for the student, x̂_{t-1} for the pool.
 
-    The noise is drawn on the CPU from ``generator`` so results do not depend on the device.
+    The noise is drawn where ``generator`` lives: a CPU generator gives the same noise on any device
+    (the CPU and the Ray engine reproduce each other); a device generator draws it on the GPU with no
+    host round trip.
     """
-    noise = torch.randn(x_t.shape, generator=generator).to(device)
+    noise = torch.randn(x_t.shape, generator=generator, device=generator.device).to(device)
     x_dev, t_dev = x_t.to(device), t.to(device)
     out = chain.run_model(teacher, x_dev, t_dev)
     x_prev = chain.p_sample_step(out, x_dev, t_dev, noise)
@@ -149,7 +191,7 @@ def teacher_step(
 
 
 def student_loss(
-    student: nn.Module,
+    student: ModelFn,
     chain: GaussianDiffusion,
     batch: KnowledgeBatch,
     vlb_weight: float,
@@ -160,13 +202,20 @@ def student_loss(
     return dkdm_loss(chain, out, batch.teacher_output, batch.x_t, batch.t, vlb_weight, mode)
 
 
-def per_student(model: nn.Module, chain: GaussianDiffusion, t: torch.Tensor, terms: LossTerms) -> dict[str, float]:
-    """An O2MKD router's L*_simple per student (``mse_s0``, ``mse_s1``...); nothing for one student."""
+def per_student(model: nn.Module, chain: GaussianDiffusion, t: torch.Tensor, terms: LossTerms) -> StepLogs:
+    """An O2MKD router's L*_simple per student (``mse_s0``, ``mse_s1``...); nothing for one student.
+
+    Tensors, NaN for a student with no sample in the batch (``read_logs`` drops those).
+    """
     if not isinstance(model, TimestepRouter):
         return {}
-    owner = model.owner(chain.model_timesteps(t))
+    n = len(model.parts)
+    owner = model.owner(chain.model_timesteps(t))  # (B,)
     mse = terms.mse.detach()
-    return {f"mse_s{i}": float(mse[owner == i].mean()) for i in range(len(model.parts)) if bool((owner == i).any())}
+    sums = torch.zeros(n, dtype=mse.dtype, device=mse.device).index_add_(0, owner, mse)
+    counts = torch.bincount(owner, minlength=n).to(mse.dtype)
+    means = sums / counts  # NaN where a student owns no sample
+    return {f"mse_s{i}": means[i] for i in range(n)}
 
 
 class Distiller(Trainer):
@@ -183,9 +232,12 @@ class Distiller(Trainer):
         vlb_weight: float = 0.001,
         mode: ObjectiveMode = "dkdm",
         device: torch.device | str = "cpu",
+        runtime: Runtime | None = None,
     ) -> None:
-        super().__init__(student, optim, device)
+        super().__init__(student, optim, device, runtime)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        # The teacher as it is called: in the runtime's precision, compiled if asked (fp32 CPU: itself).
+        self.run_teacher = FrozenTeacher(self.teacher, self.runtime)
         self.chain = chain
         self.pool = pool
         self.teacher_generator = teacher_generator
@@ -194,9 +246,10 @@ class Distiller(Trainer):
         self.teacher_calls = 0  # sample-evaluations, shuffle denoise included
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The pool's DenoiseFn: one teacher step, back on the CPU."""
+        """The pool's DenoiseFn: one teacher step, onto the pool's device."""
         self.teacher_calls += x_t.shape[0]
-        return teacher_step(self.teacher, self.chain, x_t, t, self.teacher_generator, self.device).x_prev.cpu()
+        batch = teacher_step(self.run_teacher, self.chain, x_t, t, self.teacher_generator, self.device)
+        return batch.x_prev.to(self.pool.device)
 
     def init_pool(self, teacher_batch_size: int, method: PoolInit = "shuffle", per_trajectory: int = 8) -> int:
         """Spread the pool over the chain (shuffled and dynamic strategies); returns teacher evaluations."""
@@ -204,16 +257,17 @@ class Distiller(Trainer):
 
     def teach(self, lease: Lease) -> KnowledgeBatch:
         self.teacher_calls += lease.ids.numel()
-        return teacher_step(self.teacher, self.chain, lease.x_t, lease.t, self.teacher_generator, self.device)
+        return teacher_step(self.run_teacher, self.chain, lease.x_t, lease.t, self.teacher_generator, self.device)
 
-    def step(self) -> dict[str, float]:
+    def step(self) -> StepLogs:
+        self.runtime.begin_step()
         # 1. Algorithm 1 line 4: a random subset of the pool.
         lease = self.pool.take(self.optim.batch_size)
         # 2. One teacher step gives the targets and the denoised replacements (line 8).
         batch = self.teach(lease)
-        self.pool.put(lease.lease_id, batch.x_prev.cpu())
+        self.pool.put(lease.lease_id, batch.x_prev)
         # 3. Lines 5-7: L*_DKDM and a gradient step (O2MKD: each sample trains the student owning its t).
-        terms = student_loss(self.model, self.chain, batch, self.vlb_weight, self.mode)
+        terms = student_loss(self.run_student, self.chain, batch, self.vlb_weight, self.mode)
         return {**self.optimizer_step(terms), **per_student(self.model, self.chain, batch.t, terms)}
 
     def state_dict(self) -> dict[str, Any]:
@@ -247,19 +301,20 @@ class Learner(Trainer):
         vlb_weight: float = 0.001,
         mode: ObjectiveMode = "dkdm",
         device: torch.device | str = "cpu",
+        runtime: Runtime | None = None,
     ) -> None:
-        super().__init__(student, optim, device)
+        super().__init__(student, optim, device, runtime)
         self.chain = chain
         self.vlb_weight = vlb_weight
         self.mode: ObjectiveMode = mode
-        self.forward: nn.Module = self.model
 
-    def learn(self, batch: KnowledgeBatch) -> dict[str, float]:
+    def learn(self, batch: KnowledgeBatch) -> StepLogs:
+        self.runtime.begin_step()
         batch = KnowledgeBatch(
-            x_t=batch.x_t.to(self.device),
-            t=batch.t.to(self.device),
-            teacher_output=batch.teacher_output.to(self.device),
+            x_t=batch.x_t.to(self.device, non_blocking=True),
+            t=batch.t.to(self.device, non_blocking=True),
+            teacher_output=batch.teacher_output.to(self.device, torch.float32, non_blocking=True),
             x_prev=batch.x_prev,
         )
-        terms = student_loss(self.forward, self.chain, batch, self.vlb_weight, self.mode)
+        terms = student_loss(self.run_student, self.chain, batch, self.vlb_weight, self.mode)
         return {**self.optimizer_step(terms), **per_student(self.model, self.chain, batch.t, terms)}

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from dkdm_core.checkpoint import ModelCard, list_checkpoints, load_train_state, save_checkpoint, save_model
 from dkdm_core.sampling import draw, sampling_steps
 from dkdm_core.spec import RunSpec
+from dkdm_core.training import read_logs
 from services.evaluation import digits_evaluator
 from services.images import save_grid
 
@@ -152,6 +153,7 @@ def run_training(
             step = trainer.steps_done
             bar.update(1)
             if step % run.log_every == 0 or step == total_steps:
+                logs = read_logs(logs)  # the one host read of a step's numbers, on log steps only
                 record = {"step": step, **logs, **(extra_log() if extra_log else {})}
                 record["elapsed_s"] = time.perf_counter() - started
                 log_file.write(json.dumps(record) + "\n")

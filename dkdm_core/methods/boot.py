@@ -31,7 +31,7 @@ from torch import nn
 from dkdm_core.diffusion import GaussianDiffusion, mean_flat
 from dkdm_core.objective import LossTerms
 from dkdm_core.spec import OptimSpec
-from dkdm_core.training import Trainer
+from dkdm_core.training import StepLogs, Trainer
 
 
 def alpha_sigma(chain: GaussianDiffusion, j: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +112,7 @@ class BootDistiller(Trainer):
         self.teacher_calls += eps.shape[0]
         return bootstrap_target(self.chain, teacher_output, y, x_t, j)
 
-    def step(self) -> dict[str, float]:
+    def step(self) -> StepLogs:
         eps, j, boundary = self.draw(self.optim.batch_size)
         target = self.targets(eps, j, boundary)
         pred = self.chain.run_model(self.model, eps, j)
@@ -124,8 +124,8 @@ class BootDistiller(Trainer):
         logs = self.optimizer_step(LossTerms(loss=loss, mse=mse, vlb=torch.zeros_like(mse)))
         return {
             **logs,
-            "boundary": float(weighted[boundary].mean().detach()),
-            "bootstrap": float(bootstrap.detach()),
+            "boundary": weighted[boundary].mean().detach(),
+            "bootstrap": bootstrap.detach(),
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -24,6 +24,8 @@ class UNet(nn.Module):
         layers_per_block: int = 2,
         norm_num_groups: int = 8,
         dropout: float = 0.0,
+        attention_head_dim: int | None = None,
+        time_scale_shift: str = "default",
     ) -> None:
         super().__init__()
         if len(block_out_channels) != len(attention_levels):
@@ -39,8 +41,9 @@ class UNet(nn.Module):
             up_block_types=up,
             layers_per_block=layers_per_block,
             norm_num_groups=norm_num_groups,
-            attention_head_dim=None,
+            attention_head_dim=attention_head_dim,  # None: one head over all channels (DDPM)
             dropout=dropout,
+            resnet_time_scale_shift=time_scale_shift,  # "scale_shift": ADM's adaptive group norm
         )
 
     @classmethod
@@ -65,3 +68,40 @@ def unet_small(in_channels: int, image_size: int, learn_sigma: bool) -> UNet:
 
 def unet_base(in_channels: int, image_size: int, learn_sigma: bool) -> UNet:
     return UNet(in_channels, image_size, learn_sigma, (64, 128, 128), (False, True, True), layers_per_block=2)
+
+
+# Real-size presets, all with the learned-variance output when ``learn_sigma`` (2C channels).
+
+
+def ddpm_cifar10(in_channels: int, image_size: int, learn_sigma: bool) -> UNet:
+    """Ho et al.'s CIFAR-10 UNet (35.7M): channels 128·(1, 2, 2, 2), 2 blocks per level, attention at 16x16."""
+    return _ddpm(in_channels, image_size, learn_sigma, 128)
+
+
+def ddpm_cifar10_half(in_channels: int, image_size: int, learn_sigma: bool) -> UNet:
+    return _ddpm(in_channels, image_size, learn_sigma, 64)
+
+
+def ddpm_cifar10_quarter(in_channels: int, image_size: int, learn_sigma: bool) -> UNet:
+    return _ddpm(in_channels, image_size, learn_sigma, 32)
+
+
+def _ddpm(in_channels: int, image_size: int, learn_sigma: bool, width: int) -> UNet:
+    channels = (width, 2 * width, 2 * width, 2 * width)
+    return UNet(in_channels, image_size, learn_sigma, channels, (False, True, False, False), 2, norm_num_groups=32)
+
+
+def adm_64(in_channels: int, image_size: int, learn_sigma: bool) -> UNet:
+    """An ADM-style 64x64 UNet (Dhariwal & Nichol): channels 128·(1, 2, 3, 4), 3 blocks per level,
+    64-dim attention heads at 16x16 and 8x8, scale-shift timestep conditioning."""
+    return UNet(
+        in_channels,
+        image_size,
+        learn_sigma,
+        (128, 256, 384, 512),
+        (False, False, True, True),
+        layers_per_block=3,
+        norm_num_groups=32,
+        attention_head_dim=64,
+        time_scale_shift="scale_shift",
+    )

@@ -116,3 +116,13 @@ def vit_tiny(in_channels: int, image_size: int, learn_sigma: bool) -> DiT:
 
 def vit_small(in_channels: int, image_size: int, learn_sigma: bool) -> DiT:
     return DiT(in_channels, image_size, learn_sigma, patch_size=2, hidden=128, depth=6, heads=4)
+
+
+def dit_s_2(in_channels: int, image_size: int, learn_sigma: bool) -> DiT:
+    """DiT-S/2: hidden 384, 12 blocks, 6 heads, 2x2 patches (pixel 32x32x3 or latent 32x32x4)."""
+    return DiT(in_channels, image_size, learn_sigma, patch_size=2, hidden=384, depth=12, heads=6)
+
+
+def dit_b_2(in_channels: int, image_size: int, learn_sigma: bool) -> DiT:
+    """DiT-B/2: hidden 768, 12 blocks, 12 heads, 2x2 patches."""
+    return DiT(in_channels, image_size, learn_sigma, patch_size=2, hidden=768, depth=12, heads=12)

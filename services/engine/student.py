@@ -25,7 +25,7 @@ import torch.distributed as dist
 from dkdm_core.checkpoint import ModelCard, build_from_card, load_train_state, save_checkpoint, save_model
 from dkdm_core.diffusion import make_diffusion
 from dkdm_core.spec import DistillSpec
-from dkdm_core.training import Learner
+from dkdm_core.training import Learner, StepLogs, read_logs
 from services.engine.loop import Knowledge
 from services.engine.store import JobStore
 
@@ -60,7 +60,7 @@ class StudentLoop:
         self.wait_seconds = 0.0
         self.busy_seconds = 0.0
         self.started = time.perf_counter()
-        self.last_logs: dict[str, float] = {}
+        self.last_logs: StepLogs = {}
 
     @classmethod
     def build(cls, spec: DistillSpec, card: ModelCard, device: torch.device, **kwargs: Any) -> StudentLoop:
@@ -89,7 +89,7 @@ class StudentLoop:
             if time.perf_counter() - start > self.spec.ray.starve_timeout_s:
                 raise RuntimeError(f"rank {self.rank}: no knowledge batch for {self.spec.ray.starve_timeout_s:.0f} s")
 
-    def step(self) -> dict[str, float]:
+    def step(self) -> StepLogs:
         t0 = time.perf_counter()
         item = self.next_batch()
         if self.store is not None and not self.store.consume(item.batch_id):
@@ -109,11 +109,11 @@ class StudentLoop:
         wall = time.perf_counter() - self.started
         return self.wait_seconds / wall if wall > 0 else 0.0
 
-    def log(self, logs: dict[str, float]) -> None:
+    def log(self, logs: StepLogs) -> None:
         """Rank 0 appends to OUT/log.jsonl (the local engine's format) and publishes to Redis."""
         record = {
             "step": self.steps_done,
-            **logs,
+            **read_logs(logs),
             "idle_fraction": self.idle_fraction(),
             "elapsed_s": time.perf_counter() - self.started,
         }
@@ -175,7 +175,7 @@ class RemoteFetch:
 
 
 def _report(loop: StudentLoop, rank: int) -> None:
-    metrics = {"step": loop.steps_done, **loop.last_logs}
+    metrics = {"step": loop.steps_done, **read_logs(loop.last_logs)}
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return

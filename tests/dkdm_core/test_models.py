@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dkdm_core.models import MODELS, VECTOR_MODELS, build_model
+from dkdm_core.models import IMAGE_SIZES, MODELS, VECTOR_MODELS, build_model, count_parameters
+
+SMALL = sorted(set(MODELS) - set(IMAGE_SIZES))
 
 
-@pytest.mark.parametrize("arch", sorted(MODELS))
+@pytest.mark.parametrize("arch", SMALL)
 @pytest.mark.parametrize("learn_sigma", [True, False])
 def test_output_shape(arch: str, learn_sigma: bool) -> None:
     model = build_model(arch, 1 if arch not in VECTOR_MODELS else 2, 8, learn_sigma)
@@ -38,3 +40,32 @@ def test_unknown_model_name_lists_the_choices() -> None:
 def test_vit_rejects_image_size_not_divisible_by_patch() -> None:
     with pytest.raises(ValueError, match="patch size"):
         build_model("vit-tiny", 1, 7, True)
+
+
+# The README's preset table: (architecture, channels) -> parameters with the learned-variance output.
+PRESETS = {
+    ("ddpm-cifar10", 3): 35_749_766,
+    ("ddpm-cifar10-half", 3): 8_953_798,
+    ("ddpm-cifar10-quarter", 3): 2_246_630,
+    ("adm-64", 3): 121_062_918,
+    ("dit-s-2", 3): 32_525_208,
+    ("dit-s-2", 4): 32_529_824,
+    ("dit-b-2", 3): 129_636_120,
+    ("dit-b-2", 4): 129_645_344,
+}
+
+
+@pytest.mark.parametrize(("arch", "channels"), sorted(PRESETS))
+def test_presets_map_c_to_2c_with_the_tabled_size(arch: str, channels: int) -> None:
+    size = IMAGE_SIZES[arch][0]
+    model = build_model(arch, channels, size, True)
+    assert count_parameters(model) == PRESETS[(arch, channels)]
+    with torch.no_grad():
+        out = model(torch.randn(2, channels, size, size), torch.tensor([3, 900]))
+    assert out.shape == (2, 2 * channels, size, size)
+    assert {a for a, _ in PRESETS} == set(IMAGE_SIZES)
+
+
+def test_presets_refuse_other_image_sizes() -> None:
+    with pytest.raises(ValueError, match=r"'ddpm-cifar10' is made for 32x32 images, not 8"):
+        build_model("ddpm-cifar10", 3, 8, True)
