@@ -107,6 +107,16 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", compile: str 
     return Runtime(device=dev, precision=precision, compile=compile)  # type: ignore[arg-type]
 
 
+def pool_generator(runtime: Runtime, seed: int, pool_bytes: int, share: float = 0.25) -> torch.Generator:
+    """The pool's generator, which decides where the pool lives: on the GPU when it takes at most
+    ``share`` of the free device memory (no per-step round trip through the host), else on the CPU."""
+    if runtime.cuda:
+        free, _ = torch.cuda.mem_get_info(runtime.device)
+        if pool_bytes <= share * free:
+            return runtime.generator(seed)
+    return torch.Generator().manual_seed(seed)
+
+
 class FrozenTeacher(nn.Module):
     """A frozen teacher run in the runtime's precision: (x_t, t) -> fp32 output.
 

@@ -17,6 +17,7 @@ from dkdm_core.diffusion import Sampler, Schedule
 from dkdm_core.models import MODELS, VECTOR_MODELS
 from dkdm_core.objective import ObjectiveMode
 from dkdm_core.pool import PoolInit, Strategy
+from dkdm_core.runtime import check_device
 
 Engine = Literal["local", "ray"]
 # dkdm: the paper's method. o2mkd: DKDM into N students that each own an interval of timesteps.
@@ -103,6 +104,17 @@ class PoolSpec(_Strict):
     per_trajectory: int = Field(8, ge=1)
 
 
+class RuntimeSpec(_Strict):
+    """Where and how the networks run (``dkdm_core.runtime`` resolves ``auto`` for the device in use)."""
+
+    device: Annotated[str, AfterValidator(check_device)] = "auto"  # auto | cpu | cuda | cuda:N
+    # auto: fp32 on a CPU (bit-exact runs), bf16 on a GPU that has it (student autocast, fp32
+    # master weights; teacher held in bf16), else tf32.
+    precision: Literal["auto", "fp32", "tf32", "bf16"] = "auto"
+    # auto: off on a CPU, cudagraphs on a GPU (a step's shapes are static; small models are launch-bound).
+    compile: Literal["auto", "off", "default", "cudagraphs"] = "auto"
+
+
 class RayEngineSpec(_Strict):
     """How the distributed engine lays a job out on a Ray cluster (ignored by the local engine)."""
 
@@ -178,6 +190,7 @@ class TeacherTrainSpec(_Strict):
     seed: int = 0
     out: str = "runs/teacher"
     run: RunSpec = RunSpec()
+    runtime: RuntimeSpec = RuntimeSpec()
 
 
 class DistillSpec(_Strict):
@@ -200,6 +213,7 @@ class DistillSpec(_Strict):
     ray: RayEngineSpec = RayEngineSpec()
     out: str = "runs/digits-dkdm"
     run: RunSpec = RunSpec()
+    runtime: RuntimeSpec = RuntimeSpec()
 
     @model_validator(mode="after")
     def _fits_the_engine(self) -> DistillSpec:

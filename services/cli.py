@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from dkdm_core.checkpoint import CheckpointError, export_diffusers, load_model
 from dkdm_core.data import from_uint8_nhwc, to_uint8_nhwc
+from dkdm_core.runtime import pick_device
 from dkdm_core.sampling import draw, sampling_steps
 from dkdm_core.spec import DistillSpec, TeacherTrainSpec, load_yaml, set_dotted
 
@@ -49,6 +50,8 @@ def _load_spec(cls: type[BaseModel], args: argparse.Namespace) -> Any:
         value = getattr(args, key, None)
         if value is not None:
             data[key] = value
+    if getattr(args, "device", None) is not None:
+        set_dotted(data, "runtime.device", args.device)
     return cls.model_validate(data)
 
 
@@ -95,7 +98,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise UsageError("--num must be at least 1")
     if not args.out.endswith(".npz"):
         raise UsageError("--out must name a .npz file")
-    model, card = load_model(args.model)
+    model, card = load_model(args.model, pick_device(args.device))
     samples = draw(model, card, args.num, args.seed, args.steps, args.sampler, args.batch_size)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         images = _read_npz_images(args.samples)
         metrics: dict[str, float] = {}
     else:
-        model, card = load_model(args.model)
+        model, card = load_model(args.model, pick_device(args.device))
         if card.data != "digits" and card.sample_shape != (1, 8, 8):
             raise UsageError(f"digits metrics need a model of 8x8 grey images, got shape {card.sample_shape}")
         images = draw(model, card, args.num, args.seed, args.steps, args.sampler)
@@ -202,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", help="output folder (resumes from its checkpoints if present)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec field, e.g. pool.rho=1.0")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        device_arg(p, default=None)
+
+    def device_arg(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
+        p.add_argument(
+            "--device",
+            default=default,
+            help="auto (a GPU if there is one), cpu, cuda or cuda:N (sets runtime.device of a spec)",
+        )
 
     teacher = sub.add_parser("teacher", help="teacher models").add_subparsers(dest="teacher_command", required=True)
     p = teacher.add_parser("train", help="train a teacher on a bundled dataset with L_hybrid")
@@ -225,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
         p.add_argument("--sampler", choices=["iddpm", "ddim"], default="iddpm", help="default: iddpm")
         p.add_argument("--seed", type=int, default=0)
+        device_arg(p)
 
     p = sub.add_parser("sample", help="draw samples from a model folder into an .npz (uint8 NHWC, arr_0)")
     p.add_argument("--model", required=True, help="model folder (dkdm or diffusers format)")

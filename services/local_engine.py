@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from dkdm_core.latent import (
 from dkdm_core.methods.boot import BootDistiller
 from dkdm_core.models import build_model, count_parameters
 from dkdm_core.pool import NoisePool, pool_size
+from dkdm_core.runtime import Runtime, pick_device, pool_generator, resolve_runtime
 from dkdm_core.sampling import generate, sampling_diffusion
 from dkdm_core.spec import POOL_METHODS, DistillSpec, TeacherTrainSpec
 from dkdm_core.students import build_student
@@ -34,8 +37,11 @@ from services.runner import RunResult, check_resumable, run_training
 log = logging.getLogger(__name__)
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def job_runtime(spec: DistillSpec | TeacherTrainSpec) -> Runtime:
+    """The spec's runtime resolved for this machine, with its process-wide settings applied."""
+    runtime = resolve_runtime(spec.runtime.device, spec.runtime.precision, spec.runtime.compile)
+    runtime.apply_global()
+    return runtime
 
 
 def train_teacher(spec: TeacherTrainSpec, progress: bool = True) -> RunResult:
@@ -44,7 +50,8 @@ def train_teacher(spec: TeacherTrainSpec, progress: bool = True) -> RunResult:
         torch.set_num_threads(spec.run.threads)
     check_resumable(Path(spec.out), spec.model_dump())
     torch.manual_seed(spec.seed)
-    device = pick_device()
+    runtime = job_runtime(spec)
+    device = runtime.device
     gen = torch.Generator().manual_seed(spec.seed)
     data = load_dataset(spec.data, gen)
     autoencoder = None
@@ -60,7 +67,7 @@ def train_teacher(spec: TeacherTrainSpec, progress: bool = True) -> RunResult:
     m = spec.model
     model = build_model(m.arch, m.channels, m.image_size, m.learn_sigma)
     diffusion = make_diffusion(spec.diffusion.schedule, spec.diffusion.num_timesteps, m.learn_sigma)
-    trainer = DataTrainer(model, diffusion, data, spec.optim, gen, spec.vlb_weight, device)
+    trainer = DataTrainer(model, diffusion, data, spec.optim, gen, spec.vlb_weight, device, runtime)
     card = ModelCard(
         arch=m.arch,
         channels=m.channels,
@@ -89,7 +96,10 @@ def build_distiller(
     spec: DistillSpec, device: torch.device | None = None
 ) -> tuple[Distiller, ModelCard, dict[str, float]]:
     """Teacher, student, chain and pool for a DKDM job, before the pool is initialised."""
-    device = device or pick_device()
+    runtime = job_runtime(spec)
+    if device is not None:
+        runtime = replace(runtime, device=torch.device(device))
+    device = runtime.device
     teacher, teacher_card = load_model(resolve_path(spec.teacher), device)
     if spec.objective == "dkdm" and not teacher_card.learn_sigma:
         raise ValueError("objective 'dkdm' needs a teacher with learned variance; use objective: simple")
@@ -98,12 +108,13 @@ def build_distiller(
     chain = teacher_chain(spec, teacher_card)
     b = spec.optim.batch_size
     size = pool_size(spec.pool.strategy, b, chain.num_timesteps, spec.pool.rho)
+    pool_bytes = size * math.prod(teacher_card.sample_shape) * 4
     pool = NoisePool(
         spec.pool.strategy,
         size,
         teacher_card.sample_shape,
         chain.num_timesteps,
-        torch.Generator().manual_seed(spec.seed),
+        pool_generator(runtime, spec.seed, pool_bytes),
     )
     distiller = Distiller(
         student,
@@ -111,10 +122,11 @@ def build_distiller(
         chain,
         pool,
         spec.optim,
-        teacher_generator=torch.Generator().manual_seed(spec.seed + 1),
+        teacher_generator=runtime.generator(spec.seed + 1),
         vlb_weight=spec.vlb_weight,
         mode=spec.objective,
         device=device,
+        runtime=runtime,
     )
     card.info = {
         "kind": "student",
@@ -153,7 +165,8 @@ def train_baseline(spec: DistillSpec, progress: bool = True) -> RunResult:
     """The paper's dataset baselines: a student trained with L_hybrid on real, synthetic or mixed data."""
     out = Path(spec.out)
     check_resumable(out, spec.model_dump())
-    device = pick_device()
+    runtime = job_runtime(spec)
+    device = runtime.device
     teacher, teacher_card = load_model(resolve_path(spec.teacher), device)
     gen = torch.Generator().manual_seed(spec.seed)
     stats: dict[str, float] = {"teacher_calls": 0.0}
@@ -177,7 +190,7 @@ def train_baseline(spec: DistillSpec, progress: bool = True) -> RunResult:
     student, card = build_student(spec, teacher_card)
     diff = teacher_card.diffusion
     diffusion = make_diffusion(diff.schedule, diff.num_timesteps, teacher_card.learn_sigma)
-    trainer = DataTrainer(student, diffusion, data, spec.optim, gen, spec.vlb_weight, device)
+    trainer = DataTrainer(student, diffusion, data, spec.optim, gen, spec.vlb_weight, device, runtime)
     card.info = {"kind": "student", "method": spec.method, "teacher": str(spec.teacher), **stats}
     card.info["parameters"] = count_parameters(student)
     return run_training(
@@ -189,7 +202,7 @@ def train_boot(spec: DistillSpec, progress: bool = True) -> RunResult:
     """BOOT: a one-step student bootstrapped along the teacher's chain (``pool.chain_steps`` long)."""
     out = Path(spec.out)
     check_resumable(out, spec.model_dump())
-    device = pick_device()
+    device = job_runtime(spec).device
     teacher, teacher_card = load_model(resolve_path(spec.teacher), device)
     chain = teacher_chain(spec, teacher_card)
     torch.manual_seed(spec.seed)
@@ -241,7 +254,7 @@ def make_autoencoder(
     images = load_dataset(data, gen)
     if images.ndim != 4:
         raise ValueError(f"an autoencoder needs image data; {data} holds vectors")
-    ae = build_autoencoder(images.shape[1], images.shape[2], latent_channels).to(pick_device())
+    ae = build_autoencoder(images.shape[1], images.shape[2], latent_channels).to(pick_device("auto"))
     start = time.perf_counter()
     train_autoencoder(ae, images, steps, gen)
     path = save_autoencoder(ae.cpu(), out)

@@ -55,7 +55,7 @@ class RunResult:
 
 
 # Fields a resumed run may change: its length, its outputs and its bookkeeping cadence.
-RESUMABLE_CHANGES = frozenset({"steps", "out", "run", "engine", "ray"})
+RESUMABLE_CHANGES = frozenset({"steps", "out", "run", "engine", "ray", "runtime"})
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
