@@ -72,6 +72,7 @@ class NoisePool:
         sample_shape: tuple[int, ...],
         chain_length: int,
         generator: torch.Generator,
+        sync_free: bool | None = None,
     ) -> None:
         if size < 1 or chain_length < 1:
             raise ValueError("pool size and chain length must be positive")
@@ -88,6 +89,9 @@ class NoisePool:
         self.next_lease_id = 0
         # Trajectories that reached t = 0 and restarted; a device tensor on a GPU, read when logged.
         self._finished: int | torch.Tensor = 0
+        # None: sync-free exactly when the pool is on a GPU (on a CPU there is no device to wait for,
+        # and the CPU path keeps today's random draws bit for bit).
+        self._sync_free = sync_free
 
     @property
     def finished(self) -> int:
@@ -96,7 +100,7 @@ class NoisePool:
     @property
     def sync_free(self) -> bool:
         """On a GPU every step avoids data-dependent shapes, which would make the host wait for the device."""
-        return self.device.type != "cpu"
+        return self.device.type != "cpu" if self._sync_free is None else self._sync_free
 
     @property
     def size(self) -> int:

@@ -184,3 +184,42 @@ def test_eval_with_a_local_torchscript_extractor(tmp_path: Path) -> None:
         run_dkdm("eval", "--samples", str(real), "--inception", str(tmp_path / "junk.pt"), check=False),
         "not a TorchScript archive",
     )
+
+
+DEVICE_COMMANDS = [
+    ["teacher", "train", "--steps", "1"],
+    ["distill", "--steps", "1"],
+    ["sample", "--model", "assets/teachers/digits", "--num", "2", "--out", "x.npz"],
+    ["eval", "--model", "assets/teachers/digits", "--num", "2"],
+]
+
+
+@pytest.mark.parametrize("cmd", DEVICE_COMMANDS, ids=lambda c: " ".join(c[:2]))
+@pytest.mark.parametrize(("device", "message"), [("gpu", "auto, cpu, cuda, cuda:N"), ("cuda:7", "cuda:7")])
+def test_every_command_takes_a_device_and_refuses_bad_ones_in_one_line(
+    cmd: list[str], device: str, message: str, tmp_path: Path
+) -> None:
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    args = [a if a != "x.npz" else str(tmp_path / "x.npz") for a in cmd]
+    if cmd[0] in ("teacher", "distill"):
+        args += ["--out", str(tmp_path / "out")]
+    assert_one_line_error(run_dkdm(*args, "--device", device, check=False), message)
+
+
+def test_sample_loads_the_model_onto_the_device_asked_for(tmp_path: Path) -> None:
+    out = tmp_path / "s.npz"
+    run_dkdm(
+        "sample",
+        "--model",
+        "assets/teachers/digits",
+        "--num",
+        "3",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    )
+    assert np.load(out)["arr_0"].shape == (3, 8, 8, 1)
