@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -157,15 +158,60 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{path} has no {WEIGHTS_FILE}")
-    load_weights(model, load_file(str(weights)), str(weights))
+    load_weights(model, read_weights(weights), str(weights))
     return model.to(device).eval(), card
 
 
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a truncated or malformed one is a CheckpointError naming it."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:  # header or data cut short, hostile offsets
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); re-save or re-export it") from exc
+
+
+def count_parameters(directory: str | Path) -> int:
+    """Numbers in a model folder's weights, read from the safetensors headers only (no tensor data).
+
+    The sampling service prices a request by it; for a diffusers folder the UNet's weights count.
+    """
+    path = Path(directory)
+    files = [path / WEIGHTS_FILE] if (path / WEIGHTS_FILE).is_file() else sorted((path / "unet").glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} has no safetensors weights")
+    total = 0
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    shape = f.get_slice(name).get_shape()
+                    total += int(torch.Size(shape).numel())
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{file} is not a readable safetensors file ({exc})") from exc
+    return total
+
+
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict with a one-line error naming the file when shapes or names disagree."""
+    """load_state_dict with a one-line error naming the file, the first tensor that disagrees and both shapes."""
+    expected = model.state_dict()
+    for name, wanted in expected.items():  # the model's order: the first layer that disagrees is named
+        if name in state and tuple(state[name].shape) != tuple(wanted.shape):
+            raise CheckpointError(
+                f"{source} does not fit the model in its config: tensor {name!r} has shape "
+                f"{tuple(state[name].shape)} in the file, {tuple(wanted.shape)} in the model"
+            )
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensor(s) missing from the file, first {missing[0]!r}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s) in the file, first {unexpected[0]!r}")
+        raise CheckpointError(f"{source} does not fit the model in its config: {'; '.join(parts)}")
     try:
         model.load_state_dict(state)
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # anything the checks above do not foresee (dtype, custom hooks)
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"{source} does not fit the model in its config: {first}") from exc
 
@@ -224,7 +270,11 @@ def import_diffusers(directory: Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(f"{sched_path}: only epsilon-prediction models are supported")
     if not any(unet_dir.glob("*.safetensors")):
         raise CheckpointError(f"{unet_dir} has no .safetensors weights (pickled .bin files are not loaded)")
-    net = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=True, local_files_only=True)
+    try:
+        net = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=True, local_files_only=True)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # truncated, hostile or mismatched files
+        first = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{unet_dir} could not be loaded as a diffusers UNet: {first}") from exc
     learn_sigma = variance == "learned_range"
     if net.config.out_channels != net.config.in_channels * (2 if learn_sigma else 1):
         raise CheckpointError(f"{unet_dir}: out_channels does not match variance_type {variance!r}")

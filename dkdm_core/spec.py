@@ -37,6 +37,25 @@ def _known_arch(arch: str) -> str:
 
 ArchName = Annotated[str, AfterValidator(_known_arch)]
 
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
+
+
+def _path_like(value: str) -> str:
+    # A NUL byte or a newline in a path is never meant, and the OS refuses NUL with an exception far
+    # from the input (a 500 in the API); say so here, where the field's name is known.
+    if not value:
+        raise ValueError("must not be empty")
+    if len(value) > MAX_PATH_CHARS:
+        raise ValueError(f"must be at most {MAX_PATH_CHARS} characters")
+    bad = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ValueError(f"must not contain control characters (found {bad!r})")
+    return value
+
+
+# A file or folder name given by the user (teacher, out, ...): printable, non-empty, of sane length.
+PathStr = Annotated[str, AfterValidator(_path_like)]
+
 
 class _Strict(BaseModel):
     # Unknown keys are errors: a typo in a config must not silently fall back to a default.
@@ -172,7 +191,7 @@ class BaselineSpec(_Strict):
     synthetic_steps: int = Field(100, ge=1)  # IDDPM steps the teacher samples the set with
     # A .npy file to keep the teacher's set in: loaded if present, written otherwise, so several
     # baselines share one set (and its teacher cost) instead of generating their own.
-    synthetic_path: str | None = None
+    synthetic_path: PathStr | None = None
 
 
 class TeacherTrainSpec(_Strict):
@@ -181,14 +200,14 @@ class TeacherTrainSpec(_Strict):
     data: DatasetName = "digits"
     # A diffusers AutoencoderKL folder: train a latent teacher on the encoded data (model.channels and
     # model.image_size must then be the latent's); samples are decoded with it. None: pixel space.
-    autoencoder: str | None = None
+    autoencoder: PathStr | None = None
     model: ModelSpec = ModelSpec()
     diffusion: DiffusionSpec = DiffusionSpec()
     optim: OptimSpec = OptimSpec()
     vlb_weight: float = Field(0.001, ge=0)  # λ of Eq. (13), improved-diffusion's value
     steps: int = Field(10000, ge=1)
     seed: int = 0
-    out: str = "runs/teacher"
+    out: PathStr = "runs/teacher"
     run: RunSpec = RunSpec()
     runtime: RuntimeSpec = RuntimeSpec()
 
@@ -196,7 +215,7 @@ class TeacherTrainSpec(_Strict):
 class DistillSpec(_Strict):
     """A distillation job (the JobSpec): teacher, student, method, pool, optimiser, budget."""
 
-    teacher: str = "assets/teachers/digits"  # a dkdm model dir or a diffusers DDPMPipeline dir
+    teacher: PathStr = "assets/teachers/digits"  # a dkdm model dir or a diffusers DDPMPipeline dir
     student: StudentSpec = StudentSpec()
     method: Method = "dkdm"
     objective: ObjectiveMode = "dkdm"  # "simple" for ε-only teachers and latent space
@@ -211,7 +230,7 @@ class DistillSpec(_Strict):
     seed: int = 0
     engine: Engine = "local"
     ray: RayEngineSpec = RayEngineSpec()
-    out: str = "runs/digits-dkdm"
+    out: PathStr = "runs/digits-dkdm"
     run: RunSpec = RunSpec()
     runtime: RuntimeSpec = RuntimeSpec()
 

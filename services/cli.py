@@ -1,7 +1,8 @@
 """The ``dkdm`` command: teacher | autoencoder train | distill | sample | eval | export | classifier train | serve.
 
 Errors a user can cause (missing files, bad configs, wrong shapes, unknown names) end in one line
-``dkdm: error: ...`` and exit status 2, never a traceback.
+``dkdm: error: ...`` and exit status 2, never a traceback. A service that fails under us (Redis, Ray)
+ends in one line naming it, with exit status 1.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,11 @@ def _load_spec(cls: type[BaseModel], args: argparse.Namespace) -> Any:
         key, sep, raw = item.partition("=")
         if not sep:
             raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
-        set_dotted(data, key, yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:  # a NUL byte, a stray tab or quote: name the key, not a traceback
+            raise UsageError(f"--set {key}: the value is not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+        set_dotted(data, key, value)
     for key in ("steps", "out", "engine"):
         value = getattr(args, key, None)
         if value is not None:
@@ -180,17 +186,20 @@ def cmd_serve_api(args: argparse.Namespace) -> None:
 
 
 def cmd_serve_sampling(args: argparse.Namespace) -> None:
-    import os
-
     import ray
 
+    from services.engine.store import ModelRegistry, connect
     from services.serving.app import deploy
+    from services.serving.settings import SamplingSettings
 
-    url = os.environ.get("DKDM_REDIS_URL")
-    if not url:
+    settings = SamplingSettings()
+    if not settings.redis_url:
         raise UsageError("the sampling service reads the model registry from Redis: set DKDM_REDIS_URL")
+    ModelRegistry(connect(settings.redis_url)).all()  # fail here, in one line, if Redis is not there
+    if settings.api_token is None:
+        log.warning("DKDM_API_TOKEN is not set: every sampling request will be refused (401)")
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace="dkdm")
-    deploy(url, args.host, args.port)
+    deploy(settings, args.host, args.port)
     print(f"sampling service deployed: http://{args.host}:{args.port}/v1/models/{{name}}/samples")
 
 
@@ -284,6 +293,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:500] or type(exc).__name__
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps: chained exceptions, Ray task causes, Ray Train worker failures."""
+    seen: list[BaseException] = []
+    todo = [exc]
+    while todo and len(seen) < 32:
+        e = todo.pop(0)
+        if any(e is s for s in seen):
+            continue
+        seen.append(e)
+        todo += [c for c in (getattr(e, "cause", None), e.__cause__, e.__context__) if isinstance(c, BaseException)]
+        todo += [getattr(e, "controller_failure", None)] if hasattr(e, "controller_failure") else []
+        todo += list(getattr(e, "worker_failures", {}).values())
+    return [e for e in seen if isinstance(e, BaseException)]
+
+
+def _raised_by_ray(exc: BaseException) -> bool:
+    """A plain exception (e.g. ``ray.init``'s ConnectionError) whose innermost frame is in Ray's code."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}ray{os.sep}" in tb.tb_frame.f_code.co_filename
+
+
+def _error_line(exc: BaseException) -> tuple[str, int] | None:
+    """The one line (and exit status) for an error the user or a service caused; None for a bug.
+
+    Redis wins over Ray: a Ray task or Ray Train worker that died of a Redis error is a Redis failure,
+    and a later Redis error in an error handler must not hide the first one.
+    """
+    import redis
+
+    user_errors = (UsageError, CheckpointError, FileNotFoundError, ValueError)
+    ray_exceptions = sys.modules.get("ray.exceptions")  # loaded only by commands that use Ray
+    ray_train = sys.modules.get("ray.train")
+    ray_types: tuple[type, ...] = (ray_exceptions.RayError,) if ray_exceptions is not None else ()
+    if ray_train is not None and hasattr(ray_train, "TrainingFailedError"):
+        ray_types += (ray_train.TrainingFailedError,)
+    causes = _causes(exc)
+    if isinstance(exc, user_errors) and not isinstance(exc, ray_types):
+        return _one_line(exc), 2
+    for e in causes:
+        if isinstance(e, ray_types):
+            continue  # a Ray task error that also is its cause's class: its text is a remote traceback
+        if isinstance(e, redis.RedisError) or (isinstance(e, ConnectionError) and "Redis" in str(e)):
+            return f"Redis failed: {_one_line(e)}", 1
+    if not any(isinstance(e, ray_types) or _raised_by_ray(e) for e in causes):
+        return None
+    inner = [e for e in causes if not isinstance(e, ray_types)]
+    if inner and isinstance(inner[0], user_errors) and not _raised_by_ray(inner[0]):
+        return _one_line(inner[0]), 2  # the user's mistake, raised inside a Ray task or worker
+    return f"Ray failed: {_one_line(inner[0] if inner else exc)}", 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -295,9 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"dkdm: error: {_format_validation(exc)}", file=sys.stderr)
         return 2
-    except (UsageError, CheckpointError, FileNotFoundError, ValueError) as exc:
-        print(f"dkdm: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        found = _error_line(exc)
+        if found is None:
+            raise
+        print(f"dkdm: error: {found[0]}", file=sys.stderr)
+        return found[1]
     except KeyboardInterrupt:
         print("dkdm: interrupted; the last checkpoint is kept", file=sys.stderr)
         return 130

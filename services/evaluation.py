@@ -7,9 +7,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from dkdm_core.checkpoint import CheckpointError, load_weights
+from dkdm_core.checkpoint import CheckpointError, load_weights, read_weights
 from dkdm_core.data import load_digits_tensor
 from dkdm_core.metrics import DigitsClassifier, DigitsEvaluator, train_classifier
 
@@ -48,7 +48,7 @@ def load_classifier(directory: Path = CLASSIFIER_DIR) -> DigitsClassifier:
     if not weights.is_file():
         raise CheckpointError(f"digits classifier not found at {weights}; run `dkdm classifier train`")
     model = DigitsClassifier()
-    load_weights(model, load_file(str(weights)), str(weights))
+    load_weights(model, read_weights(weights), str(weights))
     return model.eval()
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.auth import strong_enough
 from services.evaluation import PROJECT_ROOT
 
 
@@ -26,12 +27,7 @@ class Settings(BaseSettings):
     # Environment variables handed to every submitted job (besides DKDM_REDIS_URL).
     job_env: dict[str, str] = {}
 
-    @field_validator("api_token")
-    @classmethod
-    def _strong_enough(cls, token: SecretStr | None) -> SecretStr | None:
-        if token is not None and len(token.get_secret_value()) < 16:
-            raise ValueError("DKDM_API_TOKEN must be at least 16 characters")
-        return token
+    _strong_enough = field_validator("api_token")(strong_enough)
 
     @field_validator("model_roots", "runs_dir")
     @classmethod

@@ -6,34 +6,53 @@ Students are served by name from the model registry in Redis (a finished job reg
 requests for it to a replica that already holds it, so a newly registered student is servable at
 once, without a restart or a redeploy. Requests are not batched across callers: each carries its own
 seed, step count and sampler, and batching them would change what a seed produces.
+
+Guards, since one request can cost minutes of a replica's CPU: sampling needs the control plane's bearer
+token (``GET /v1/models`` stays open but shows no filesystem paths); each sampler replica runs at most
+``DKDM_SAMPLING_MAX_ONGOING_REQUESTS`` requests, a few more wait, and the rest get 503 + Retry-After;
+and one request may cost at most ``DKDM_SAMPLING_MAX_COST`` samples x network calls x parameters (422).
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the ingress methods' annotations at
 # runtime, and Serve's class-based ingress needs them as real types, not strings.
+import contextlib
 import io
 import json
 import time
-from typing import Any, Literal
+from functools import lru_cache
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import redis
 import torch
-from fastapi import FastAPI, HTTPException, Response, status
+from fastapi import Depends, FastAPI, HTTPException, Response, status
+from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from pydantic import BaseModel, Field
 from ray import serve
+from ray.serve.config import BackpressureConfig
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from dkdm_core.checkpoint import read_card
+from dkdm_core.checkpoint import CheckpointError, count_parameters, read_card
 from dkdm_core.data import to_uint8_nhwc
 from dkdm_core.diffusion import Sampler
-from dkdm_core.sampling import draw
+from dkdm_core.sampling import draw, sampling_steps
+from services.auth import bearer, check_bearer
 from services.engine.store import ModelRegistry
 from services.images import grid_image
+from services.serving.settings import SamplingSettings
 
 MAX_NUM = 256  # samples per request: bounds the memory and time of one call
 MAX_STEPS = 1000  # sampling steps per request (and never more than the model's T)
 MODELS_PER_REPLICA = 8
+# The ingress only awaits the samplers, so it may hold many requests; past these the HTTP proxy sheds load.
+INGRESS_MAX_ONGOING = 100
+INGRESS_MAX_QUEUED = 100
+# What /v1/models shows of a registry entry: never its folder (a filesystem path).
+PUBLIC_FIELDS = ("created", "job_id", "arch", "steps", "method")
+
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 METRICS = CollectorRegistry()
 LATENCY = Histogram(
@@ -55,6 +74,35 @@ class SampleRequest(BaseModel):
 
 def _registry(redis_url: str) -> ModelRegistry:
     return ModelRegistry(redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=10))
+
+
+@lru_cache(maxsize=256)
+def _parameters(path: str) -> int:
+    # A registered folder is never rewritten in place (checkpoints are renamed into place), so a path's
+    # count holds; reading safetensors headers costs a few ms, caching it keeps it off every request.
+    return count_parameters(path)
+
+
+def _public(entry: dict[str, Any]) -> dict[str, Any]:
+    shown = {k: entry[k] for k in PUBLIC_FIELDS if k in entry}
+    with contextlib.suppress(CheckpointError, KeyError):  # an unreadable folder errs when sampled from
+        shown["parameters"] = _parameters(entry["path"])
+    return shown
+
+
+def _too_costly(num: int, calls: int, parameters: int, budget: float) -> HTTPException | None:
+    """422 naming ``num`` (or ``steps`` when even one sample is too costly) with what would fit."""
+    cost = num * calls * parameters
+    if cost <= budget:
+        return None
+    most = int(budget // (calls * parameters))
+    what = f"num x steps x parameters = {num} x {calls} x {parameters} = {cost:.3g} exceeds the budget {budget:.3g}"
+    if most >= 1:
+        detail = {"loc": ["body", "num"], "msg": f"{what}: at most {most} samples at {calls} steps for this model"}
+    else:
+        most_steps = max(1, int(budget // parameters))
+        detail = {"loc": ["body", "steps"], "msg": f"{what}: at most {most_steps} steps for one sample"}
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, [{**detail, "type": "value_error"}])
 
 
 def _encode(arr: np.ndarray, fmt: str) -> Response:
@@ -100,16 +148,19 @@ api = FastAPI(title="dkdm sampling", version="0.1.0", description="Samples from 
 @serve.deployment
 @serve.ingress(api)
 class SamplingAPI:
-    def __init__(self, sampler: DeploymentHandle, redis_url: str) -> None:
+    def __init__(self, sampler: DeploymentHandle, settings: SamplingSettings) -> None:
+        assert settings.redis_url is not None  # deploy() checks it
         self.sampler = sampler
-        self.registry = _registry(redis_url)
+        self.settings = settings
+        self.registry = _registry(settings.redis_url)
 
     @api.get("/v1/models")
     def models(self) -> dict[str, dict[str, Any]]:
-        return self.registry.all()
+        return {name: _public(entry) for name, entry in self.registry.all().items()}
 
-    @api.post("/v1/models/{name}/samples")
-    async def samples(self, name: str, request: SampleRequest) -> Response:
+    @api.post("/v1/models/{name}/samples", responses={401: {}, 404: {}, 422: {}, 503: {}})
+    async def samples(self, name: str, request: SampleRequest, credentials: Credentials) -> Response:
+        check_bearer(self.settings.api_token, credentials)  # before anything else: no model names to strangers
         start = time.perf_counter()
         entry = self.registry.get(name)
         if entry is None:
@@ -118,8 +169,17 @@ class SamplingAPI:
         if request.steps > card.diffusion.num_timesteps:
             detail = [{"loc": ["body", "steps"], "msg": f"at most the model's T = {card.diffusion.num_timesteps}"}]
             raise HTTPException(422, detail)
+        calls = sampling_steps(card, request.steps)
+        too_costly = _too_costly(request.num, calls, _parameters(entry["path"]), self.settings.sampling_max_cost)
+        if too_costly is not None:
+            raise too_costly
         handle = self.sampler.options(multiplexed_model_id=name)
-        arr = await handle.sample.remote(request.num, request.steps, request.sampler, request.seed)
+        try:
+            arr = await handle.sample.remote(request.num, request.steps, request.sampler, request.seed)
+        except BackPressureError as exc:  # every replica busy and the wait list full: shed, do not queue
+            retry = str(self.settings.sampling_retry_after_s)
+            busy = f"all sampler replicas are busy; retry in {retry} s"
+            raise HTTPException(503, busy, {"Retry-After": retry}) from exc
         response = _encode(arr, request.format)
         LATENCY.labels(model=name, format=request.format).observe(time.perf_counter() - start)
         return response
@@ -129,12 +189,25 @@ class SamplingAPI:
         return Response(generate_latest(METRICS), media_type=CONTENT_TYPE_LATEST)
 
 
-def build(redis_url: str) -> Any:
-    """The Serve application: ingress -> multiplexed student sampler."""
-    return SamplingAPI.bind(StudentSampler.bind(redis_url), redis_url)
+def build(settings: SamplingSettings) -> Any:
+    """The Serve application: ingress -> multiplexed student sampler, both bounded by ``settings``."""
+    retry = settings.sampling_retry_after_s
+    sampler = StudentSampler.options(
+        max_ongoing_requests=settings.sampling_max_ongoing_requests,
+        max_queued_requests=settings.sampling_max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=retry),
+    )
+    ingress = SamplingAPI.options(
+        max_ongoing_requests=INGRESS_MAX_ONGOING,
+        max_queued_requests=INGRESS_MAX_QUEUED,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=retry),
+    )
+    return ingress.bind(sampler.bind(settings.redis_url), settings)
 
 
-def deploy(redis_url: str, host: str = "127.0.0.1", port: int = 8000) -> None:
+def deploy(settings: SamplingSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Deploy (or update) the sampling app on the connected Ray cluster; it keeps running after we return."""
+    if settings.redis_url is None:
+        raise ValueError("the sampling service reads the model registry from Redis: set DKDM_REDIS_URL")
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build(redis_url), name="dkdm-sampling", route_prefix="/", blocking=False)
+    serve.run(build(settings), name="dkdm-sampling", route_prefix="/", blocking=False)

@@ -94,3 +94,30 @@ def test_helm_chart_parses_and_uses_only_documented_values() -> None:
                 assert doc["apiVersion"] and doc["metadata"]["name"]
                 kinds.add(doc["kind"])
     assert {"RayCluster", "Deployment", "Service", "ConfigMap", "PersistentVolumeClaim"} <= kinds
+
+
+def _redis_dir(args: list[str]) -> str:
+    assert args[args.index("--appendonly") + 1] == "yes", args  # job records survive a restart
+    return args[args.index("--dir") + 1]
+
+
+def test_compose_redis_keeps_an_append_only_file_on_a_volume() -> None:
+    config = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    redis = config["services"]["redis"]
+    directory = _redis_dir(redis["command"])
+    volume, _, mount = redis["volumes"][0].partition(":")
+    assert mount == directory and volume in config["volumes"]  # a named volume, not the container's layer
+
+
+def test_helm_redis_keeps_an_append_only_file_on_a_claim() -> None:
+    docs = [d for d in yaml.safe_load_all(render_with_placeholders((CHART / "templates/redis.yaml").read_text())) if d]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    directory = _redis_dir(container["args"])
+    (mount,) = container["volumeMounts"]
+    (volume,) = pod["volumes"]
+    assert mount["mountPath"] == directory and mount["name"] == volume["name"]
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    assert volume["persistentVolumeClaim"]["claimName"] in claims
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"  # a ReadWriteOnce claim: never two pods

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import struct
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from safetensors.torch import save_file
 from dkdm_core.checkpoint import (
     CheckpointError,
     ModelCard,
+    count_parameters,
     export_diffusers,
     list_checkpoints,
     load_model,
@@ -117,3 +120,64 @@ def test_safetensors_with_wrong_shapes_is_a_clear_error(tmp_path: Path) -> None:
     save_file({"net.conv_in.weight": torch.zeros(3, 3)}, str(tmp_path / "m" / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"model\.safetensors does not fit"):
         load_model(tmp_path / "m")
+
+
+def test_a_config_weights_mismatch_names_the_tensor_and_both_shapes(tmp_path: Path) -> None:
+    save_model(tmp_path / "m", build_model("unet-tiny", 1, 8, True), card())
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["learn_sigma"] = False  # the output layer then has half the channels of the saved one
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as info:
+        load_model(tmp_path / "m")
+    message = str(info.value)
+    expected = dict(build_model("unet-tiny", 1, 8, False).state_dict())
+    saved = dict(build_model("unet-tiny", 1, 8, True).state_dict())
+    name = next(k for k in saved if saved[k].shape != expected[k].shape)
+    assert f"tensor {name!r}" in message and "model.safetensors" in message
+    assert str(tuple(saved[name].shape)) in message and str(tuple(expected[name].shape)) in message
+
+
+def _corrupt(weights: Path, how: str) -> None:
+    data = weights.read_bytes()
+    header_len = struct.unpack("<Q", data[:8])[0]
+    if how == "truncated header":
+        weights.write_bytes(data[: 8 + header_len // 2])
+    elif how == "truncated data":
+        weights.write_bytes(data[: len(data) - 100])
+    elif how == "huge header length":
+        weights.write_bytes(struct.pack("<Q", 2**62) + data[8:])
+    elif how == "offsets past the end":
+        header = json.dumps({"w": {"dtype": "F32", "shape": [10**9], "data_offsets": [0, 4 * 10**9]}}).encode()
+        weights.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 64)
+    elif how == "not json":
+        weights.write_bytes(struct.pack("<Q", 12) + b"{'not json'}" + data[8 + header_len :])
+    else:
+        weights.write_bytes(b"")
+
+
+CORRUPTIONS = ["truncated header", "truncated data", "huge header length", "offsets past the end", "not json", "empty"]
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_a_corrupt_or_hostile_safetensors_file_is_a_clear_error_naming_it(tmp_path: Path, how: str) -> None:
+    save_model(tmp_path / "m", build_model("unet-tiny", 1, 8, True), card())
+    weights = tmp_path / "m" / "model.safetensors"
+    _corrupt(weights, how)
+    with pytest.raises(CheckpointError, match=re.escape(f"{weights} is not a readable safetensors file")):
+        load_model(tmp_path / "m")
+    with pytest.raises(CheckpointError, match=re.escape(str(weights))):
+        count_parameters(tmp_path / "m")
+
+
+def test_a_corrupt_diffusers_unet_is_a_clear_error_naming_its_folder(tmp_path: Path) -> None:
+    export_diffusers(build_model("unet-tiny", 1, 8, True), card(), tmp_path / "pipe")
+    (weights,) = (tmp_path / "pipe" / "unet").glob("*.safetensors")
+    _corrupt(weights, "truncated data")
+    with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "pipe" / "unet"))):
+        load_model(tmp_path / "pipe")
+
+
+def test_count_parameters_reads_only_the_headers(tmp_path: Path) -> None:
+    model = build_model("unet-tiny", 1, 8, True)
+    save_model(tmp_path / "m", model, card())
+    assert count_parameters(tmp_path / "m") == sum(t.numel() for t in model.state_dict().values())

@@ -223,3 +223,56 @@ def test_sample_loads_the_model_onto_the_device_asked_for(tmp_path: Path) -> Non
         "cpu",
     )
     assert np.load(out)["arr_0"].shape == (3, 8, 8, 1)
+
+
+def test_a_corrupt_weights_file_is_one_line_naming_it(tiny_teacher: Path, tmp_path: Path) -> None:
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_teacher, model, ignore=shutil.ignore_patterns("step_*", "samples*"))
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])  # a copy cut short
+    proc = run_dkdm("sample", "--model", str(model), "--num", "2", "--out", str(tmp_path / "s.npz"), check=False)
+    assert_one_line_error(proc, str(weights), "not a readable safetensors file")
+
+
+def test_nul_bytes_in_paths_are_one_line_naming_the_field(tmp_path: Path) -> None:
+    proc = run_dkdm("distill", "--set", "teacher=assets/teachers/digits\x00", "--out", str(tmp_path), check=False)
+    assert_one_line_error(proc, "--set teacher", "special characters are not allowed")
+    proc = run_dkdm("distill", "--set", 'teacher="assets\\0x"', "--out", str(tmp_path), check=False)
+    assert_one_line_error(proc, "teacher", "control characters")  # a YAML escape that reaches the spec
+    proc = run_dkdm("distill", "--out", "runs/a\x00b", check=False)
+    assert_one_line_error(proc, "out", "control characters")
+
+
+def test_an_unreachable_redis_is_one_line_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.services.conftest import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    monkeypatch.setenv("DKDM_REDIS_URL", url)
+    proc = run_dkdm("serve", "sampling", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.strip().splitlines() if x.startswith("dkdm:")]
+    assert line.startswith("dkdm: error: Redis failed:") and url in line, proc.stderr
+
+
+def test_ray_and_redis_failures_inside_ray_errors_are_one_line() -> None:
+    """The CLI's mapping, on the exceptions Ray really raises (a task error carrying its cause, a Ray
+    Train worker-group failure): the service is named and the remote traceback is not printed."""
+    import ray.exceptions
+    import redis
+    from ray.train import WorkerGroupError
+
+    from services.cli import _error_line
+
+    refused = redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+    task_error = ray.exceptions.RayTaskError("step", "Traceback (most recent call last):\n ...", refused)
+    assert _error_line(task_error.as_instanceof_cause()) == (f"Redis failed: {refused}", 1)
+    assert _error_line(WorkerGroupError("rank 0 failed", {0: refused})) == (f"Redis failed: {refused}", 1)
+    assert _error_line(WorkerGroupError("rank 1 failed", {1: RuntimeError("out of\nmemory")})) == (
+        "Ray failed: out of memory",
+        1,
+    )
+    user = ray.exceptions.RayTaskError("plan", "tb", ValueError("pool.chain_steps exceeds T")).as_instanceof_cause()
+    assert _error_line(user) == ("pool.chain_steps exceeds T", 2)
+    assert _error_line(RuntimeError("a bug")) is None  # bugs keep their traceback

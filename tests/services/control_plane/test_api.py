@@ -65,6 +65,9 @@ def test_mutating_calls_need_the_bearer_token(api: str, tiny_teacher: Path, own_
         ({"stpes": 10}, ["body", "stpes"]),
         ({"teacher": "../../../../etc"}, ["body", "teacher"]),
         ({"teacher": "/"}, ["body", "teacher"]),
+        ({"teacher": "assets/teachers/digits\x00"}, ["body", "teacher"]),  # the OS would raise: no 500
+        ({"teacher": ""}, ["body", "teacher"]),
+        ({"baseline": {"synthetic_path": "a\x00b"}}, ["body", "baseline", "synthetic_path"]),
     ],
 )
 def test_invalid_specs_get_422_naming_the_field(api: str, body: dict[str, Any], field: list[str]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -18,10 +19,22 @@ import pytest
 import redis
 import requests
 
-from services.engine.embedded import RedisServer, free_port
 from services.engine.store import ModelRegistry
 from tests.conftest import run_dkdm
-from tests.services.conftest import BIN, ROOT, RayHead, cluster_env, ray_head, stop_group, wait_for_http
+from tests.services.conftest import (
+    BIN,
+    ROOT,
+    RayHead,
+    Service,
+    cluster_env,
+    free_port,
+    http_service,
+    ray_head,
+    redis_server,
+    running,
+    start_process,
+    wait_for_http,
+)
 from tests.services.control_plane.conftest import TOKEN
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -29,20 +42,12 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @contextlib.contextmanager
-def control_plane(env: dict[str, str], port: int) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        [str(BIN / "dkdm"), "serve", "api", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", proc)
-        yield proc
-    finally:
-        stop_group(proc)
+def control_plane(env: dict[str, str], port: int) -> Iterator[Service]:
+    args = [str(BIN / "dkdm"), "serve", "api", "--port", str(port)]
+    # The port is fixed (the restarted control plane must answer where the first one did): no retry.
+    with running(start_process("dkdm serve api", args, env)) as service:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", service)
+        yield service
 
 
 @contextlib.contextmanager
@@ -54,15 +59,16 @@ def prometheus(target: str, tmp: Path) -> Iterator[str]:
         "global: {scrape_interval: 1s}\n"
         f"scrape_configs: [{{job_name: dkdm-control-plane, static_configs: [{{targets: ['{target}']}}]}}]\n"
     )
-    port = free_port()
-    args = [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}"]
-    args += [f"--web.listen-address=127.0.0.1:{port}"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/-/ready", proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_group(proc)
+    url = ""
+
+    def make_args() -> tuple[list[str], str]:
+        nonlocal url
+        url = f"http://127.0.0.1:{free_port()}"
+        args = [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}"]
+        return [*args, f"--web.listen-address={url.removeprefix('http://')}"], f"{url}/-/ready"
+
+    with http_service("prometheus", make_args, dict(os.environ)):
+        yield url
 
 
 def poll(what: str, fn: Any, timeout: float = 300.0, every: float = 0.5) -> Any:
@@ -76,8 +82,8 @@ def poll(what: str, fn: Any, timeout: float = 300.0, every: float = 0.5) -> Any:
 
 
 def test_post_a_job_restart_the_api_sample_the_student_and_scrape_metrics(tiny_teacher: Path, tmp_path: Path) -> None:
-    with RedisServer() as redis_server, ray_head(num_cpus=4) as head:
-        run(head, redis_server.url, tiny_teacher, tmp_path)
+    with redis_server() as server, ray_head(num_cpus=4) as head:
+        run(head, server.url, tiny_teacher, tmp_path)
 
 
 def run(head: RayHead, redis_url: str, teacher: Path, tmp: Path) -> None:
@@ -164,7 +170,7 @@ def sample(env: dict[str, str], model: str, extra_models: list[str]) -> None:
 
     def answer() -> requests.Response | None:
         try:
-            r = requests.post(url, json={"num": 16, "steps": 5, "format": "npz"})
+            r = requests.post(url, json={"num": 16, "steps": 5, "format": "npz"}, headers=AUTH)
         except requests.ConnectionError:
             return None  # the HTTP proxy is still starting
         return r if r.status_code not in (502, 503) else None
@@ -173,15 +179,16 @@ def sample(env: dict[str, str], model: str, extra_models: list[str]) -> None:
     assert response.status_code == 200, response.text
     with np.load(io.BytesIO(response.content), allow_pickle=False) as data:
         assert data["arr_0"].shape == (16, 8, 8, 1) and data["arr_0"].dtype == np.uint8
-    png = requests.post(url, json={"num": 16, "steps": 5})
+    assert requests.post(url, json={"num": 16, "steps": 5}).status_code == 401  # sampling needs the token too
+    png = requests.post(url, json={"num": 16, "steps": 5}, headers=AUTH)
     assert png.headers["content-type"] == "image/png" and png.content[:8] == b"\x89PNG\r\n\x1a\n"
-    assert requests.post(url.replace(model, "no-such-model"), json={}).status_code == 404
-    assert requests.post(url, json={"num": 100000}).status_code == 422
-    assert requests.post(url, json={"steps": 5000}).status_code == 422
+    assert requests.post(url.replace(model, "no-such-model"), json={}, headers=AUTH).status_code == 404
+    assert requests.post(url, json={"num": 100000}, headers=AUTH).status_code == 422
+    assert requests.post(url, json={"steps": 5000}, headers=AUTH).status_code == 422
     metrics = requests.get(f"http://127.0.0.1:{port}/metrics").text
     assert f'dkdm_sampling_request_duration_seconds_count{{format="npz",model="{model}"}}' in metrics
     for name in extra_models:
-        r = requests.post(url.replace(model, name), json={"num": 4, "steps": 5, "format": "npz"})
+        r = requests.post(url.replace(model, name), json={"num": 4, "steps": 5, "format": "npz"}, headers=AUTH)
         assert r.status_code == 200, r.text
         with np.load(io.BytesIO(r.content), allow_pickle=False) as data:
             assert data["arr_0"].shape == (4, 8, 8, 1)

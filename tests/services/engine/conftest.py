@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,18 +9,22 @@ from typing import Any
 import pytest
 
 from dkdm_core.spec import DistillSpec
+from tests.services.conftest import ray_head
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A local Ray for the whole session with 4 logical CPUs (2 physical cores here: tests
-    oversubscribe on purpose so 2 replicas and a student fit). Stopped at the end of the session."""
+def ray_cluster() -> Iterator[None]:
+    """A Ray head for the whole session with 4 logical CPUs (2 physical cores here: tests oversubscribe
+    on purpose so 2 replicas and a student fit), this process connected to it as the driver. Started
+    with `ray start` on ports chosen by ray_head, so it cannot collide with another session's Ray."""
     import ray
 
-    os.environ.setdefault("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
-    ray.init(num_cpus=4, namespace="dkdm", logging_level="WARNING")
-    yield
-    ray.shutdown()
+    with ray_head(num_cpus=4, auth=False) as head:  # this process connects without a token
+        ray.init(address=head.gcs, namespace="dkdm", logging_level="WARNING")
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 def engine_spec(teacher: Path, out: Path, **overrides: Any) -> DistillSpec:
