@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -70,6 +70,11 @@ class ModelCard(BaseModel):
     # resolved to an absolute path.
     autoencoder: str | None = None
     info: dict[str, Any] = Field(default_factory=dict)  # provenance: command, steps, metrics
+
+    @model_validator(mode="after")
+    def _variance_fits_the_network(self) -> ModelCard:
+        self.diffusion.check_variance(self.learn_sigma)
+        return self
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -218,7 +223,80 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
 
 # diffusers interop ---------------------------------------------------------------------------------
 
-_SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear"}
+_SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear", "scaled_linear": "scaled_linear"}
+# Scheduler classes whose config describes a DDPM-trained network (DDIM only samples it differently).
+_SCHEDULER_CLASSES = ("DDPMScheduler", "DDIMScheduler")
+# fixed_small_log is fixed_small computed through a log; fixed_large_log has diffusers take the square
+# root of log β (NaN), so it is refused.
+_VARIANCE_ALIASES = {"fixed_small_log": "fixed_small"}
+
+
+def scheduler_config(diffusion: DiffusionSpec, learn_sigma: bool) -> dict[str, Any]:
+    """The diffusers DDPMScheduler config of a card's diffusion: the same β's, variance and parameterisation."""
+    t = diffusion.num_timesteps
+    config: dict[str, Any] = {
+        "num_train_timesteps": t,
+        "variance_type": diffusion.resolved_variance(learn_sigma),
+        "prediction_type": diffusion.prediction_type,
+        "clip_sample": diffusion.clip_sample,
+        "clip_sample_range": diffusion.clip_sample_range,
+        "thresholding": diffusion.thresholding,
+        "dynamic_thresholding_ratio": diffusion.dynamic_thresholding_ratio,
+        "sample_max_value": diffusion.sample_max_value,
+    }
+    if diffusion.schedule == "trained":
+        return {**config, "trained_betas": list(diffusion.trained_betas or [])}
+    config["beta_schedule"] = _SCHEDULES[diffusion.schedule]
+    # diffusers ignores the end points for squaredcos_cap_v2; for linear ones they are the project's default.
+    config["beta_start"] = diffusion.beta_start if diffusion.beta_start is not None else 1e-4 * 1000 / t
+    config["beta_end"] = diffusion.beta_end if diffusion.beta_end is not None else 0.02 * 1000 / t
+    return config
+
+
+def diffusion_from_scheduler(sched: dict[str, Any], source: str) -> DiffusionSpec:
+    """A DDPM/DDIM scheduler config as a card's DiffusionSpec; what is not supported is one clear error.
+
+    Keys that only shape diffusers' own sampling grid (timestep_spacing, steps_offset, set_alpha_to_one)
+    are not read: the pool walks the project's chain (``pool.chain_steps``) over the same β's.
+    """
+
+    def refuse(key: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{source}: {key} {sched.get(key)!r} is not supported ({why})")
+
+    if sched.get("_class_name", "DDPMScheduler") not in _SCHEDULER_CLASSES:
+        raise refuse("_class_name", "a DDPMScheduler or DDIMScheduler config is needed")
+    if sched.get("rescale_betas_zero_snr"):
+        raise refuse("rescale_betas_zero_snr", "zero terminal SNR makes x_0 unrecoverable at t = T")
+    t = int(sched.get("num_train_timesteps", 1000))
+    fields: dict[str, Any] = {"num_timesteps": t}
+    if sched.get("trained_betas") is not None:
+        fields.update(schedule="trained", trained_betas=[float(b) for b in sched["trained_betas"]])
+    else:
+        name = sched.get("beta_schedule", "linear")
+        schedule = {v: k for k, v in _SCHEDULES.items()}.get(name)
+        if schedule is None:
+            raise refuse("beta_schedule", "use linear, scaled_linear, squaredcos_cap_v2 or trained_betas")
+        fields["schedule"] = schedule
+        if schedule != "cosine":
+            start, end = float(sched.get("beta_start", 1e-4)), float(sched.get("beta_end", 0.02))
+            if not (start == 1e-4 * 1000 / t and end == 0.02 * 1000 / t and schedule == "linear"):
+                fields.update(beta_start=start, beta_end=end)  # the project's default needs no mention
+    variance = sched.get("variance_type", "fixed_small")  # DDIM configs have none: a DDPM's β̃
+    variance = _VARIANCE_ALIASES.get(variance, variance)
+    if variance not in ("fixed_small", "fixed_large", "learned", "learned_range"):
+        raise refuse("variance_type", "use fixed_small, fixed_large, learned or learned_range")
+    prediction = sched.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction", "sample"):
+        raise refuse("prediction_type", "use epsilon, v_prediction or sample")
+    fields.update(variance_type=variance, prediction_type=prediction)
+    for key in ("clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio", "sample_max_value"):
+        if key in sched:
+            fields[key] = sched[key]
+    try:
+        return DiffusionSpec(**fields)
+    except ValueError as exc:
+        first = str(exc).splitlines()[-1].strip()
+        raise CheckpointError(f"{source}: {first}") from exc
 
 
 def export_diffusers(model: nn.Module, card: ModelCard, directory: str | Path) -> Path:
@@ -227,15 +305,7 @@ def export_diffusers(model: nn.Module, card: ModelCard, directory: str | Path) -
 
     if not isinstance(model, UNet):
         raise CheckpointError(f"only UNet models export to diffusers format, not {card.arch}")
-    t = card.diffusion.num_timesteps
-    scheduler = DDPMScheduler(
-        num_train_timesteps=t,
-        beta_schedule=_SCHEDULES[card.diffusion.schedule],
-        beta_start=1e-4 * 1000 / t,
-        beta_end=0.02 * 1000 / t,
-        variance_type="learned_range" if card.learn_sigma else "fixed_small",
-        clip_sample=True,
-    )
+    scheduler = DDPMScheduler(**scheduler_config(card.diffusion, card.learn_sigma))
     out = Path(directory)
     pipeline = DDPMPipeline(unet=model.net, scheduler=scheduler)
     pipeline.save_pretrained(str(out), safe_serialization=True)  # type: ignore[attr-defined]
@@ -246,28 +316,14 @@ def export_diffusers(model: nn.Module, card: ModelCard, directory: str | Path) -
 
 
 def import_diffusers(directory: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
-    """A diffusers UNet2DModel + DDPMScheduler folder as a dkdm model (safetensors weights only)."""
+    """A diffusers UNet2DModel + DDPM/DDIM scheduler folder as a dkdm model (safetensors weights only)."""
     from diffusers import UNet2DModel
 
     unet_dir = directory / "unet" if (directory / "unet").is_dir() else directory
     sched_path = directory / "scheduler" / "scheduler_config.json"
     if not sched_path.is_file():
         raise CheckpointError(f"{directory} has no scheduler/scheduler_config.json")
-    sched = json.loads(sched_path.read_text())
-    schedule = {v: k for k, v in _SCHEDULES.items()}.get(sched.get("beta_schedule", "linear"))
-    if schedule is None:
-        raise CheckpointError(f"{sched_path}: beta_schedule {sched.get('beta_schedule')!r} is not supported")
-    t = int(sched.get("num_train_timesteps", 1000))
-    if schedule == "linear" and (
-        abs(sched.get("beta_start", 1e-4) - 1e-4 * 1000 / t) > 1e-9
-        or abs(sched.get("beta_end", 0.02) - 0.02 * 1000 / t) > 1e-9
-    ):
-        raise CheckpointError(f"{sched_path}: only the standard linear schedule (1e-4..0.02 at T=1000) is supported")
-    variance = sched.get("variance_type", "fixed_small")
-    if variance not in ("learned_range", "fixed_small"):
-        raise CheckpointError(f"{sched_path}: variance_type {variance!r} is not supported")
-    if sched.get("prediction_type", "epsilon") != "epsilon":
-        raise CheckpointError(f"{sched_path}: only epsilon-prediction models are supported")
+    diffusion = diffusion_from_scheduler(json.loads(sched_path.read_text()), str(sched_path))
     if not any(unet_dir.glob("*.safetensors")):
         raise CheckpointError(f"{unet_dir} has no .safetensors weights (pickled .bin files are not loaded)")
     try:
@@ -275,16 +331,19 @@ def import_diffusers(directory: Path, device: str | torch.device = "cpu") -> tup
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # truncated, hostile or mismatched files
         first = " ".join(str(exc).split())[:300]
         raise CheckpointError(f"{unet_dir} could not be loaded as a diffusers UNet: {first}") from exc
-    learn_sigma = variance == "learned_range"
+    variance = diffusion.resolved_variance(False)
+    learn_sigma = variance in ("learned", "learned_range")
     if net.config.out_channels != net.config.in_channels * (2 if learn_sigma else 1):
         raise CheckpointError(f"{unet_dir}: out_channels does not match variance_type {variance!r}")
+    if net.config.num_class_embeds is not None or net.config.class_embed_type is not None:
+        raise CheckpointError(f"{unet_dir}: class-conditional UNets (num_class_embeds) are not supported yet")
     model = UNet.wrap(net)
     card = ModelCard(
         arch=DIFFUSERS_ARCH,
         channels=net.config.in_channels,
         image_size=int(net.config.sample_size),
         learn_sigma=learn_sigma,
-        diffusion=DiffusionSpec(schedule=schedule, num_timesteps=t),
+        diffusion=diffusion,
         info={"imported_from": str(directory)},
     )
     if (directory / "vae" / "config.json").is_file():  # a latent pipeline: samples decode through its vae

@@ -16,6 +16,22 @@ import torch
 from dkdm_core.diffusion import GaussianDiffusion, mean_flat, normal_kl
 
 ObjectiveMode = Literal["dkdm", "simple"]
+# What a job asks for: "auto" resolves against the teacher (resolve_objective).
+ObjectiveChoice = Literal["auto", "dkdm", "simple"]
+
+
+def resolve_objective(requested: ObjectiveChoice, teacher_learns_variance: bool) -> ObjectiveMode:
+    """The objective a job trains with, decided once from its spec and its teacher's card.
+
+    auto: the full L*_DKDM (Eq. 19) when the teacher learns its variance; L*_simple alone otherwise,
+    since a fixed-variance teacher's student keeps that fixed variance and its L*_vlb is then zero
+    whenever ε matches (diffusion.py). Asking for "dkdm" from a fixed-variance teacher is an error.
+    """
+    if requested == "auto":
+        return "dkdm" if teacher_learns_variance else "simple"
+    if requested == "dkdm" and not teacher_learns_variance:
+        raise ValueError("objective 'dkdm' needs a teacher with learned variance; use objective: auto or simple")
+    return requested
 
 
 @dataclass(frozen=True)
@@ -49,9 +65,9 @@ def hybrid_loss(
 ) -> LossTerms:
     """Eq. (13): L_simple + λ L_vlb with the data's true noise and posterior; ε-only models get L_simple."""
     channels = x_t.shape[1]
-    # 1. Eq. (11): L_simple.
-    eps, v = diffusion.split_output(model_output, channels)
-    mse = mean_flat((noise - eps) ** 2)
+    # 1. Eq. (11): L_simple, in the network's parameterisation (ε, or v / x_0 for such models).
+    pred, v = diffusion.split_output(model_output, channels)
+    mse = mean_flat((diffusion.training_target(x_start, t, noise) - pred) ** 2)
     if v is None:
         return LossTerms(loss=mse.mean(), mse=mse, vlb=torch.zeros_like(mse))
     # 2. Eq. (9) with a stop-gradient on the mean: only Σ_θ learns from it.

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dkdm_core.checkpoint import ModelCard
-from dkdm_core.diffusion import GaussianDiffusion, Sampler, make_diffusion, sample_loop, space_timesteps
+from dkdm_core.diffusion import GaussianDiffusion, Sampler, sample_loop, space_timesteps
 from dkdm_core.latent import decode, load_autoencoder
 from dkdm_core.methods.boot import one_step_sample
 from dkdm_core.spec import DiffusionSpec
@@ -24,7 +24,7 @@ def sampling_diffusion(spec: DiffusionSpec, learn_sigma: bool, steps: int, sampl
         raise ValueError(f"sampling steps must be in [1, {spec.num_timesteps}], got {steps}")
     section = f"ddim{steps}" if sampler == "ddim" else str(steps)
     kept = space_timesteps(spec.num_timesteps, section)
-    return make_diffusion(spec.schedule, spec.num_timesteps, learn_sigma, respacing=kept)
+    return spec.build(learn_sigma, respacing=kept)
 
 
 @torch.no_grad()

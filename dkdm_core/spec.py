@@ -13,9 +13,18 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from dkdm_core.data import DatasetName
-from dkdm_core.diffusion import Sampler, Schedule
+from dkdm_core.diffusion import (
+    LEARNED_VARIANCES,
+    GaussianDiffusion,
+    PredictionType,
+    Sampler,
+    Schedule,
+    Thresholding,
+    VarianceType,
+    make_diffusion,
+)
 from dkdm_core.models import MODELS, VECTOR_MODELS
-from dkdm_core.objective import ObjectiveMode
+from dkdm_core.objective import ObjectiveChoice
 from dkdm_core.pool import PoolInit, Strategy
 from dkdm_core.runtime import check_device
 
@@ -84,8 +93,78 @@ class StudentSpec(_Strict):
 
 
 class DiffusionSpec(_Strict):
+    """A model's diffusion: any diffusers DDPM/DDIM scheduler config (defaults: improved-diffusion's)."""
+
     schedule: Schedule = "cosine"  # improved-diffusion's choice for small images
     num_timesteps: int = Field(1000, ge=2, le=10000)  # the paper's T
+    # linear / scaled_linear end points; None: Ho et al.'s 1e-4 .. 0.02 at T = 1000, scaled by 1000 / T.
+    beta_start: float | None = Field(None, gt=0, lt=1)
+    beta_end: float | None = Field(None, gt=0, le=1)
+    trained_betas: list[float] | None = None  # schedule "trained": β_1..β_T, as diffusers' trained_betas
+    # None: learned_range when the model learns its variance (learn_sigma), else fixed_small: what
+    # every model made before this field existed used. fixed_large is the original DDPM checkpoints'.
+    variance_type: VarianceType | None = None
+    prediction_type: PredictionType = "epsilon"  # what the network outputs: ε, v or x_0 ("sample")
+    clip_sample: bool = True  # clip x̂_0 to ±clip_sample_range before the posterior mean (diffusers' default)
+    clip_sample_range: float = Field(1.0, gt=0)
+    # Imagen's dynamic thresholding of x̂_0 (wins over clip_sample, as in diffusers); off by default.
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = Field(0.995, gt=0, le=1)
+    sample_max_value: float = Field(1.0, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DiffusionSpec:
+        if (self.schedule == "trained") != (self.trained_betas is not None):
+            raise ValueError("trained_betas goes with schedule 'trained', and schedule 'trained' needs it")
+        if self.trained_betas is not None:
+            if len(self.trained_betas) != self.num_timesteps:
+                raise ValueError(f"trained_betas has {len(self.trained_betas)} values for {self.num_timesteps} steps")
+            if not all(0 < b <= 1 for b in self.trained_betas):
+                raise ValueError("trained_betas must lie in (0, 1]")
+        if (self.beta_start is not None or self.beta_end is not None) and self.schedule not in (
+            "linear",
+            "scaled_linear",
+        ):
+            raise ValueError(f"beta_start/beta_end apply to linear schedules, not {self.schedule!r}")
+        return self
+
+    def resolved_variance(self, learn_sigma: bool) -> VarianceType:
+        return self.variance_type or ("learned_range" if learn_sigma else "fixed_small")
+
+    def check_variance(self, learn_sigma: bool) -> None:
+        """A learned variance needs a network with 2C outputs; a fixed one, C."""
+        if self.variance_type is not None and (self.variance_type in LEARNED_VARIANCES) != learn_sigma:
+            raise ValueError(
+                f"variance_type {self.variance_type!r} needs learn_sigma: {not learn_sigma} "
+                f"(the network {'must' if learn_sigma is False else 'must not'} output a variance)"
+            )
+
+    def build(self, learn_sigma: bool, respacing: str | int | list[int] | None = None) -> GaussianDiffusion:
+        """The diffusion this spec describes, optionally respaced (``make_diffusion``'s ``respacing``)."""
+        self.check_variance(learn_sigma)
+        thresholding = (
+            Thresholding(self.dynamic_thresholding_ratio, self.sample_max_value) if self.thresholding else None
+        )
+        return make_diffusion(
+            self.schedule,
+            self.num_timesteps,
+            learn_sigma,
+            respacing,
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+            trained_betas=self.trained_betas,
+            variance_type=self.resolved_variance(learn_sigma),
+            prediction_type=self.prediction_type,
+            clip_sample_range=self.clip_sample_range if self.clip_sample else None,
+            thresholding=thresholding,
+        )
+
+    def for_student(self, learn_sigma: bool) -> DiffusionSpec:
+        """The diffusion of a student of a model with this one: ε-prediction, learned-range variance if
+        the teacher learns its variance, else the teacher's fixed variance (``GaussianDiffusion.eps_view``)."""
+        variance = "learned_range" if learn_sigma else self.resolved_variance(False)
+        keep_none = self.variance_type is None  # cards that never named a variance type keep not naming it
+        return self.model_copy(update={"prediction_type": "epsilon", "variance_type": None if keep_none else variance})
 
 
 class OptimSpec(_Strict):
@@ -218,7 +297,9 @@ class DistillSpec(_Strict):
     teacher: PathStr = "assets/teachers/digits"  # a dkdm model dir or a diffusers DDPMPipeline dir
     student: StudentSpec = StudentSpec()
     method: Method = "dkdm"
-    objective: ObjectiveMode = "dkdm"  # "simple" for ε-only teachers and latent space
+    # auto: L*_DKDM for learned-variance teachers, L*_simple otherwise (resolve_objective); "simple"
+    # forces the MSE term alone (the paper's latent-space setting). The choice lands in the card's info.
+    objective: ObjectiveChoice = "auto"
     vlb_weight: float = Field(0.001, ge=0)  # λ of Eq. (19)
     pool: PoolSpec = PoolSpec()
     o2mkd: O2MKDSpec = O2MKDSpec()

@@ -12,11 +12,14 @@ from dkdm_core.spec import DistillSpec
 def student_card(spec: DistillSpec, teacher: ModelCard) -> ModelCard:
     """The teacher's data, diffusion and autoencoder, with the student's architecture.
 
+    The student predicts ε whatever the teacher predicts (``DiffusionSpec.for_student``).
     o2mkd: a router of ``o2mkd.students`` students over the teacher's T timesteps. boot: a one-step
     generator predicting signals (no variance output).
     """
     card = teacher.model_copy(deep=True)
     card.info = {}
+    # Students learn ε (and learned-range variance for learned-variance teachers): diffusion.py says why.
+    card.diffusion = teacher.diffusion.for_student(teacher.learn_sigma)
     if spec.method == "o2mkd":
         n = spec.o2mkd.students
         t = teacher.diffusion.num_timesteps
@@ -31,6 +34,8 @@ def student_card(spec: DistillSpec, teacher: ModelCard) -> ModelCard:
         card.arch = spec.student.arch
         card.learn_sigma = False
         card.generator = "one-step"
+        if card.diffusion.variance_type is not None:  # a one-step generator has no reverse variance
+            card.diffusion.variance_type = "fixed_small"
     else:
         card.arch = spec.student.arch
     return card

@@ -164,7 +164,7 @@ class KnowledgeBatch:
 
     x_t: torch.Tensor  # (b, C, H, W)
     t: torch.Tensor  # (b,) chain indices
-    teacher_output: torch.Tensor  # (b, k·C, H, W): ε_T (and v_T)
+    teacher_output: torch.Tensor  # (b, k·C, H, W): ε_T (and v_T), in the student's terms (eps_output)
     x_prev: torch.Tensor  # (b, C, H, W): the teacher's one-step-denoised samples
 
 
@@ -186,8 +186,9 @@ def teacher_step(
     noise = torch.randn(x_t.shape, generator=generator, device=generator.device).to(device)
     x_dev, t_dev = x_t.to(device), t.to(device)
     out = chain.run_model(teacher, x_dev, t_dev)
-    x_prev = chain.p_sample_step(out, x_dev, t_dev, noise)
-    return KnowledgeBatch(x_t=x_dev, t=t_dev, teacher_output=out, x_prev=x_prev)
+    x_prev = chain.p_sample_step(out, x_dev, t_dev, noise)  # the teacher's own scheduler step
+    target = chain.eps_output(out, x_dev, t_dev)  # v / x_0 / σ² teachers: the same step in ε terms
+    return KnowledgeBatch(x_t=x_dev, t=t_dev, teacher_output=target, x_prev=x_prev)
 
 
 def student_loss(
@@ -197,7 +198,8 @@ def student_loss(
     vlb_weight: float,
     mode: ObjectiveMode,
 ) -> LossTerms:
-    """L*_DKDM (Eq. 19) of the student on one knowledge batch."""
+    """L*_DKDM (Eq. 19) of the student on one knowledge batch; ``chain`` may be the teacher's or the student's."""
+    chain = chain.eps_view()  # the student predicts ε whatever the teacher predicts
     out = chain.run_model(student, batch.x_t, batch.t)
     return dkdm_loss(chain, out, batch.teacher_output, batch.x_t, batch.t, vlb_weight, mode)
 

@@ -14,7 +14,7 @@ import torch
 
 from dkdm_core.checkpoint import ModelCard, load_model
 from dkdm_core.data import DatasetName, load_dataset, mix_real
-from dkdm_core.diffusion import GaussianDiffusion, make_diffusion
+from dkdm_core.diffusion import GaussianDiffusion
 from dkdm_core.latent import (
     build_autoencoder,
     decode,
@@ -25,6 +25,7 @@ from dkdm_core.latent import (
 )
 from dkdm_core.methods.boot import BootDistiller
 from dkdm_core.models import build_model, count_parameters
+from dkdm_core.objective import resolve_objective
 from dkdm_core.pool import NoisePool, pool_size
 from dkdm_core.runtime import Runtime, pick_device, pool_generator, resolve_runtime
 from dkdm_core.sampling import generate, sampling_diffusion
@@ -66,7 +67,7 @@ def train_teacher(spec: TeacherTrainSpec, progress: bool = True) -> RunResult:
         )
     m = spec.model
     model = build_model(m.arch, m.channels, m.image_size, m.learn_sigma)
-    diffusion = make_diffusion(spec.diffusion.schedule, spec.diffusion.num_timesteps, m.learn_sigma)
+    diffusion = spec.diffusion.build(m.learn_sigma)
     trainer = DataTrainer(model, diffusion, data, spec.optim, gen, spec.vlb_weight, device, runtime)
     card = ModelCard(
         arch=m.arch,
@@ -89,7 +90,7 @@ def teacher_chain(spec: DistillSpec, teacher_card: ModelCard) -> GaussianDiffusi
     chain_steps = spec.pool.chain_steps
     if chain_steps is not None and chain_steps > diff.num_timesteps:
         raise ValueError(f"pool.chain_steps={chain_steps} exceeds the teacher's T={diff.num_timesteps}")
-    return make_diffusion(diff.schedule, diff.num_timesteps, teacher_card.learn_sigma, respacing=chain_steps)
+    return diff.build(teacher_card.learn_sigma, respacing=chain_steps)
 
 
 def build_distiller(
@@ -101,8 +102,7 @@ def build_distiller(
         runtime = replace(runtime, device=torch.device(device))
     device = runtime.device
     teacher, teacher_card = load_model(resolve_path(spec.teacher), device)
-    if spec.objective == "dkdm" and not teacher_card.learn_sigma:
-        raise ValueError("objective 'dkdm' needs a teacher with learned variance; use objective: simple")
+    objective = resolve_objective(spec.objective, teacher_card.learn_sigma)
     torch.manual_seed(spec.seed)
     student, card = build_student(spec, teacher_card)
     chain = teacher_chain(spec, teacher_card)
@@ -124,7 +124,7 @@ def build_distiller(
         spec.optim,
         teacher_generator=runtime.generator(spec.seed + 1),
         vlb_weight=spec.vlb_weight,
-        mode=spec.objective,
+        mode=objective,
         device=device,
         runtime=runtime,
     )
@@ -136,6 +136,7 @@ def build_distiller(
         "teacher_parameters": count_parameters(teacher),
         "chain_steps": chain.num_timesteps,
         "pool_size": size,
+        "objective": objective,
     }
     stats = {"pool_size": float(size), "chain_steps": float(chain.num_timesteps)}
     return distiller, card, stats
@@ -188,8 +189,7 @@ def train_baseline(spec: DistillSpec, progress: bool = True) -> RunResult:
     stats["dataset_size"] = float(data.shape[0])
     torch.manual_seed(spec.seed)
     student, card = build_student(spec, teacher_card)
-    diff = teacher_card.diffusion
-    diffusion = make_diffusion(diff.schedule, diff.num_timesteps, teacher_card.learn_sigma)
+    diffusion = card.diffusion.build(card.learn_sigma)  # the student's parameterisation (ε)
     trainer = DataTrainer(student, diffusion, data, spec.optim, gen, spec.vlb_weight, device, runtime)
     card.info = {"kind": "student", "method": spec.method, "teacher": str(spec.teacher), **stats}
     card.info["parameters"] = count_parameters(student)

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from dkdm_core.checkpoint import TRAIN_STATE_FILE, ModelCard, load_model, load_train_state, read_card, save_model
 from dkdm_core.models import count_parameters
+from dkdm_core.objective import resolve_objective
 from dkdm_core.pool import pool_size
 from dkdm_core.spec import DistillSpec
 from dkdm_core.students import student_card as make_student_card
@@ -72,8 +73,7 @@ class Plan:
     def make(cls, spec: DistillSpec) -> Plan:
         teacher_dir = resolve_path(spec.teacher)
         card = read_card(teacher_dir)
-        if spec.objective == "dkdm" and not card.learn_sigma:
-            raise ValueError("objective 'dkdm' needs a teacher with learned variance; use objective: simple")
+        objective = resolve_objective(spec.objective, card.learn_sigma)
         steps = spec.pool.chain_steps
         if steps is not None and steps > card.diffusion.num_timesteps:
             raise ValueError(f"pool.chain_steps={steps} exceeds the teacher's T={card.diffusion.num_timesteps}")
@@ -94,6 +94,7 @@ class Plan:
             "teacher": str(spec.teacher),
             "chain_steps": chain_length,
             "pool_size": total,
+            "objective": objective,
         }
         return cls(str(teacher_dir), card, student_card, chain_length, sizes, rank_batch)
 

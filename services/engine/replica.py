@@ -12,7 +12,6 @@ from typing import Any
 import torch
 
 from dkdm_core.checkpoint import load_model
-from dkdm_core.diffusion import make_diffusion
 from dkdm_core.pool import Lease, NoisePool, PoolInit, Strategy
 from dkdm_core.training import KnowledgeBatch, teacher_step
 from services.engine.shard import shard_seed
@@ -40,7 +39,7 @@ class TeacherReplica:
         self.teacher, self.card = load_model(teacher_dir, self.device)
         self.teacher.eval().requires_grad_(False)
         diff = self.card.diffusion
-        self.chain = make_diffusion(diff.schedule, diff.num_timesteps, self.card.learn_sigma, respacing=chain_steps)
+        self.chain = diff.build(self.card.learn_sigma, respacing=chain_steps)
         self.seed = seed
         self.index = index
         self.generator = torch.Generator().manual_seed(replica_seed(seed, index, generation))

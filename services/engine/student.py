@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from dkdm_core.checkpoint import ModelCard, build_from_card, load_train_state, save_checkpoint, save_model
-from dkdm_core.diffusion import make_diffusion
+from dkdm_core.objective import resolve_objective
 from dkdm_core.spec import DistillSpec
 from dkdm_core.training import Learner, StepLogs, read_logs
 from services.engine.loop import Knowledge
@@ -68,8 +68,9 @@ class StudentLoop:
         torch.manual_seed(spec.seed)
         student = build_from_card(card)  # one network, or an O2MKD router of several
         diff = card.diffusion
-        chain = make_diffusion(diff.schedule, diff.num_timesteps, card.learn_sigma, respacing=spec.pool.chain_steps)
-        learner = Learner(student, chain, spec.optim, spec.vlb_weight, spec.objective, device)
+        chain = diff.build(card.learn_sigma, respacing=spec.pool.chain_steps)  # the student's (ε) chain
+        objective = resolve_objective(spec.objective, card.learn_sigma)  # the student learns Σ iff the teacher does
+        learner = Learner(student, chain, spec.optim, spec.vlb_weight, objective, device)
         return cls(learner, card, spec, **kwargs)
 
     @property

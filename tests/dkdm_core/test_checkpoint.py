@@ -59,7 +59,8 @@ def test_diffusers_export_loads_in_diffusers_and_back(tmp_path: Path, learn_sigm
     assert pipe.scheduler.config.variance_type == ("learned_range" if learn_sigma else "fixed_small")
     assert pipe.scheduler.config.beta_schedule == "squaredcos_cap_v2"
     back, back_card = load_model(tmp_path / "pipe")
-    assert back_card.learn_sigma == learn_sigma and back_card.diffusion == DiffusionSpec()
+    assert back_card.learn_sigma == learn_sigma
+    assert back_card.diffusion == DiffusionSpec(variance_type="learned_range" if learn_sigma else "fixed_small")
     _same_outputs(model, back)
 
 

@@ -33,7 +33,10 @@ SCHEDULES: list[Schedule] = ["linear", "scaled_linear", "cosine", "trained"]
 TRAINED = np.linspace(1e-3, 0.15, T) ** 1.5  # any positive β's, as a trained_betas list would hold
 # (diffusers scheduler kwargs, ours) per schedule: non-default endpoints so the endpoints are really read.
 SCHEDULE_ARGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "linear": ({"beta_schedule": "linear", "beta_start": 2e-4, "beta_end": 0.05}, {"beta_start": 2e-4, "beta_end": 0.05}),
+    "linear": (
+        {"beta_schedule": "linear", "beta_start": 2e-4, "beta_end": 0.05},
+        {"beta_start": 2e-4, "beta_end": 0.05},
+    ),
     "scaled_linear": (
         {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.12},
         {"beta_start": 0.00085, "beta_end": 0.12},

@@ -1,0 +1,133 @@
+"""Teachers saved by diffusers (random weights, tiny): distil, export, load back into diffusers, sample.
+
+Each row of the README's table of teacher formats is one case here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from dkdm_core.checkpoint import load_model
+from dkdm_core.diffusion import sample_loop, space_timesteps
+from tests.conftest import run_dkdm
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+# name -> (channels, image size, scheduler config): the shapes of real checkpoints, tiny networks.
+TEACHERS: dict[str, tuple[int, int, dict[str, Any]]] = {
+    # google/ddpm-cifar10-32's scheduler: linear β, fixed_large, ε, clipped.
+    "ddpm-cifar10": (3, 32, {"beta_schedule": "linear", "variance_type": "fixed_large", "clip_sample": True}),
+    # A v-prediction teacher with learned-range variance on the cosine schedule, T = 400.
+    "v-learned-range": (
+        1,
+        16,
+        {
+            "num_train_timesteps": 400,
+            "beta_schedule": "squaredcos_cap_v2",
+            "variance_type": "learned_range",
+            "prediction_type": "v_prediction",
+        },
+    ),
+    # An x_0-predicting teacher, scaled-linear β's, σ² output (diffusers' "learned"), thresholded x̂_0.
+    "sample-learned-threshold": (
+        1,
+        16,
+        {
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "variance_type": "learned",
+            "prediction_type": "sample",
+            "thresholding": True,
+        },
+    ),
+}
+
+
+def save_teacher(root: Path, channels: int, size: int, scheduler: dict[str, Any]) -> Path:
+    torch.manual_seed(0)
+    learned = scheduler.get("variance_type", "").startswith("learned")
+    unet = UNet2DModel(
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels * (2 if learned else 1),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    if scheduler.get("variance_type") == "learned":
+        # diffusers reads a "learned" output as σ² and takes its square root: keep it positive.
+        with torch.no_grad():
+            unet.conv_out.bias[channels:] = 0.5
+            unet.conv_out.weight[channels:] = 0.0
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(**scheduler)).save_pretrained(str(root), safe_serialization=True)
+    return root
+
+
+@pytest.mark.parametrize("name", list(TEACHERS))
+def test_diffusers_teacher_distils_exports_and_samples_in_diffusers(name: str, tmp_path: Path) -> None:
+    channels, size, scheduler = TEACHERS[name]
+    teacher = save_teacher(tmp_path / "teacher", channels, size, scheduler)
+    out = tmp_path / "student"
+    run_dkdm(
+        "distill",
+        "--steps",
+        "4",
+        "--out",
+        str(out),
+        "--quiet",
+        "--set",
+        f"teacher={teacher}",
+        "--set",
+        "student.arch=unet-tiny",
+        "--set",
+        "pool.chain_steps=10",
+        "--set",
+        "pool.rho=0.2",
+        "--set",
+        "optim.batch_size=8",
+        "--set",
+        "run.eval_samples=16",
+        "--set",
+        "run.sample_steps=5",
+    )
+    card = json.loads((out / "config.json").read_text())
+    learned = scheduler["variance_type"].startswith("learned")
+    assert card["diffusion"]["prediction_type"] == "epsilon"
+    assert card["info"]["objective"] == ("dkdm" if learned else "simple")
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
+
+    run_dkdm("export", "--model", str(out), "--out", str(tmp_path / "exported"))
+    pipe = DDPMPipeline.from_pretrained(str(tmp_path / "exported"), local_files_only=True)
+    expected_variance = "learned_range" if learned else scheduler["variance_type"]
+    assert pipe.scheduler.config.variance_type == expected_variance
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    assert pipe.scheduler.config.num_train_timesteps == scheduler.get("num_train_timesteps", 1000)
+    images = pipe(batch_size=2, num_inference_steps=10, generator=torch.Generator().manual_seed(3), output_type="np")
+    images = images.images  # (B, H, W, C) in [0, 1]
+
+    # The same images from our sampler: diffusers' 10 "leading" steps, its noise sequence.
+    model, student_card = load_model(out)
+    T = student_card.diffusion.num_timesteps
+    diffusion = student_card.diffusion.build(student_card.learn_sigma, respacing=space_timesteps(T, "ddim10"))
+    ours = sample_loop(diffusion, model, (2, channels, size, size), torch.Generator().manual_seed(3))
+    ours_np = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(ours_np, images, atol=2e-4)
+
+
+def test_unsupported_scheduler_keys_are_named(tmp_path: Path) -> None:
+    teacher = save_teacher(tmp_path / "t", 1, 16, {"beta_schedule": "sigmoid"})
+    proc = run_dkdm("distill", "--set", f"teacher={teacher}", "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip()
+    assert line.startswith("dkdm: error:") and "beta_schedule 'sigmoid' is not supported" in line, line
