@@ -321,6 +321,10 @@ def import_diffusers(directory: Path, device: str | torch.device = "cpu") -> tup
 
     unet_dir = directory / "unet" if (directory / "unet").is_dir() else directory
     sched_path = directory / "scheduler" / "scheduler_config.json"
+    index_path = directory / "model_index.json"
+    pipeline = json.loads(index_path.read_text()).get("_class_name") if index_path.is_file() else None
+    if pipeline not in (None, "DDPMPipeline", "DDIMPipeline"):
+        raise CheckpointError(f"{index_path}: {pipeline} folders are not supported yet (DDPMPipeline or DDIMPipeline)")
     if not sched_path.is_file():
         raise CheckpointError(f"{directory} has no scheduler/scheduler_config.json")
     diffusion = diffusion_from_scheduler(json.loads(sched_path.read_text()), str(sched_path))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dkdm_core.diffusion import make_diffusion
-from dkdm_core.objective import dkdm_loss, hybrid_loss
+from dkdm_core.objective import dkdm_loss, hybrid_loss, resolve_objective
 
 
 def _batch(seed: int = 0, b: int = 6):
@@ -73,3 +74,11 @@ def test_hybrid_loss_gradients_and_eps_only_models() -> None:
     eps_only = make_diffusion("cosine", 1000, learn_sigma=False)
     terms = hybrid_loss(eps_only, out[:, :1], x_start, x_t, t, noise)
     torch.testing.assert_close(terms.loss, ((noise - out[:, :1]) ** 2).mean())
+
+
+def test_objective_auto_follows_the_teachers_variance() -> None:
+    assert resolve_objective("auto", True) == "dkdm"
+    assert resolve_objective("auto", False) == "simple"
+    assert resolve_objective("simple", True) == "simple"
+    with pytest.raises(ValueError, match="needs a teacher with learned variance"):
+        resolve_objective("dkdm", False)
