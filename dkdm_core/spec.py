@@ -170,7 +170,9 @@ class DiffusionSpec(_Strict):
 class OptimSpec(_Strict):
     lr: float = Field(5e-4, gt=0, le=1.0)  # AdamW; small models on 8x8 tolerate a high rate
     batch_size: int = Field(128, ge=1, le=65536)  # the paper's b
-    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)  # samples are drawn from the EMA weights
+    # Samples are drawn from the EMA weights. The EMA is warmed up (update n uses
+    # min(ema_decay, (1 + n) / (10 + n)), as diffusers' EMAModel), so short runs sample trained weights.
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     grad_clip: float = Field(1.0, gt=0)  # clip the global grad norm; the vlb term spikes early on
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(200, ge=0)  # linear lr warm-up

@@ -81,3 +81,28 @@ def test_mix_real_replaces_the_stated_share_by_real_samples() -> None:
     mixed = mix_real(synthetic, real, 0.2, gen)
     assert mixed.shape == synthetic.shape and int(mixed[:, 0, 0, 0].sum()) == 20
     assert int(mix_real(synthetic, real, 1.0, gen)[:, 0, 0, 0].sum()) == 100  # more than the real set: resampled
+
+
+def test_ema_warms_up_and_its_count_is_checkpointed() -> None:
+    from dkdm_core.training import EMA
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    ema = EMA(model, 0.999)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)  # update 0: decay min(0.999, 1/10) = 0.1, so 90% of the new weights
+    torch.testing.assert_close(ema.model.weight, torch.full((1, 2), 0.9))
+    for _ in range(199):
+        ema.update(model)
+    # After 200 updates the initial weights' share is prod (1+n)/(10+n) ~ 1e-13, not 0.999^200 = 82%.
+    torch.testing.assert_close(ema.model.weight, torch.ones(1, 2))
+    ema.updates = 100_000
+    assert ema.current_decay() == 0.999
+    again = EMA(model, 0.999)
+    again.load_state_dict(copy.deepcopy(ema.state_dict()))
+    assert again.updates == 100_000
+    legacy = EMA(model, 0.999)  # a state saved before the warm-up: continue at the full decay
+    legacy.load_state_dict(ema.model.state_dict())
+    assert legacy.current_decay() == 0.999
