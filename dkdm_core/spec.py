@@ -292,6 +292,11 @@ class TeacherTrainSpec(_Strict):
     run: RunSpec = RunSpec()
     runtime: RuntimeSpec = RuntimeSpec()
 
+    @model_validator(mode="after")
+    def _variance_fits_the_model(self) -> TeacherTrainSpec:
+        self.diffusion.check_variance(self.model.learn_sigma)  # before training, not when the card is saved
+        return self
+
 
 class DistillSpec(_Strict):
     """A distillation job (the JobSpec): teacher, student, method, pool, optimiser, budget."""

@@ -76,3 +76,12 @@ def test_unsupported_scheduler_configs_name_the_key(config: dict, needle: str) -
     with pytest.raises(CheckpointError, match="not supported") as info:
         diffusion_from_scheduler(config, "scheduler_config.json")
     assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_teacher_training_spec_checks_the_variance_before_training() -> None:
+    from dkdm_core.spec import TeacherTrainSpec
+
+    with pytest.raises(ValidationError, match="needs learn_sigma: False"):
+        TeacherTrainSpec(diffusion=DiffusionSpec(variance_type="fixed_large"))
+    spec = TeacherTrainSpec(diffusion=DiffusionSpec(variance_type="fixed_large"), model={"learn_sigma": False})
+    assert spec.diffusion.build(False).variance_type == "fixed_large"
