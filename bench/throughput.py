@@ -73,7 +73,7 @@ def bench_local(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def bench_ray(args: argparse.Namespace, workdir: Path, replicas: int, redis_url: str) -> dict[str, Any]:
     from services.engine.driver import run_job
-    from services.engine.store import JobStore
+    from services.jobs.store import JobStore
 
     out = workdir / f"ray-{replicas}"
     spec = base_spec(args, out).model_copy(update={"engine": "ray"})

@@ -16,8 +16,8 @@ import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from services.engine import keys
-from services.engine.store import JobStore, list_jobs
+from services.jobs import keys
+from services.jobs.store import JobStore, list_jobs
 
 JOB_STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 

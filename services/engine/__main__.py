@@ -33,7 +33,7 @@ def load_spec(args: argparse.Namespace) -> DistillSpec:
     if args.spec:
         data = load_yaml(args.spec)
     elif args.job_id:
-        from services.engine.store import JobStore
+        from services.jobs.store import JobStore
 
         url = os.environ.get("DKDM_REDIS_URL")
         if not url:

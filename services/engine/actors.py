@@ -16,7 +16,7 @@ from services.engine.batch_queue import BatchQueue
 from services.engine.loop import ReplicaLoop
 from services.engine.replica import TeacherReplica
 from services.engine.shard import PoolShard
-from services.engine.store import JobStore
+from services.jobs.store import JobStore
 
 
 @ray.remote(num_cpus=0)

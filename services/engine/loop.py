@@ -17,9 +17,9 @@ import torch
 
 from dkdm_core.pool import Lease
 from dkdm_core.training import KnowledgeBatch
-from services.engine.keys import lease_field
+from services.jobs.keys import lease_field
 from services.engine.replica import TeacherReplica
-from services.engine.store import JobStore
+from services.jobs.store import JobStore
 
 HEARTBEAT_EVERY_S = 2.0
 IDLE_SLEEP_S = 0.005  # back-off while every shard's samples are leased out

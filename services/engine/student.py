@@ -27,7 +27,7 @@ from dkdm_core.diffusion import make_diffusion
 from dkdm_core.spec import DistillSpec
 from dkdm_core.training import Learner, StepLogs, read_logs
 from services.engine.loop import Knowledge
-from services.engine.store import JobStore
+from services.jobs.store import JobStore
 
 Fetch = Callable[[float], Knowledge | None]
 FETCH_SLICE_S = 1.0  # how long one wait on the queue lasts before control requests are checked

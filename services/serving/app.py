@@ -39,7 +39,7 @@ from dkdm_core.data import to_uint8_nhwc
 from dkdm_core.diffusion import Sampler
 from dkdm_core.sampling import draw, sampling_steps
 from services.auth import bearer, check_bearer
-from services.engine.store import ModelRegistry
+from services.jobs.store import ModelRegistry
 from services.images import grid_image
 from services.serving.settings import SamplingSettings
 
