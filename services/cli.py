@@ -188,7 +188,7 @@ def cmd_serve_api(args: argparse.Namespace) -> None:
 def cmd_serve_sampling(args: argparse.Namespace) -> None:
     import ray
 
-    from services.engine.store import ModelRegistry, connect
+    from services.jobs.store import ModelRegistry, connect
     from services.serving.app import deploy
     from services.serving.settings import SamplingSettings
 

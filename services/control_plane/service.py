@@ -16,9 +16,9 @@ from dkdm_core.spec import DistillSpec
 from dkdm_core.students import student_card
 from services.control_plane.launcher import RayLauncher
 from services.control_plane.settings import Settings
+from services.evaluation import resolve_path
 from services.jobs.keys import TERMINAL_STATES
 from services.jobs.store import JobStore, ModelRegistry, list_jobs
-from services.evaluation import resolve_path
 
 
 class JobRequest(DistillSpec):

@@ -36,9 +36,9 @@ from dkdm_core.spec import DistillSpec
 from dkdm_core.students import student_card as make_student_card
 from services.engine.actors import BatchQueueActor, PoolShardActor, TeacherReplicaActor
 from services.engine.shard import shard_sizes
-from services.jobs.store import JobStore, ModelRegistry
 from services.engine.student import train_loop_per_worker
 from services.evaluation import resolve_path
+from services.jobs.store import JobStore, ModelRegistry
 from services.runner import RunResult, check_resumable, evaluate_model
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ import torch
 
 from dkdm_core.pool import Lease
 from dkdm_core.training import KnowledgeBatch
-from services.jobs.keys import lease_field
 from services.engine.replica import TeacherReplica
+from services.jobs.keys import lease_field
 from services.jobs.store import JobStore
 
 HEARTBEAT_EVERY_S = 2.0

@@ -12,13 +12,13 @@ import torch
 
 from dkdm_core.checkpoint import read_card
 from dkdm_core.pool import pool_size
-from services.jobs import keys
 from services.engine.batch_queue import BatchQueue
 from services.engine.loop import ReplicaLoop
 from services.engine.replica import TeacherReplica, replica_seed
 from services.engine.shard import PoolShard, shard_seed, shard_sizes
-from services.jobs.store import JobStore
 from services.engine.student import StudentLoop
+from services.jobs import keys
+from services.jobs.store import JobStore
 from services.local_engine import build_distiller
 from tests.services.engine.conftest import engine_spec
 
