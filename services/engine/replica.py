@@ -9,6 +9,7 @@ the noise seed comes from the plan, so replica 0 of a fresh job reproduces the l
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 from dkdm_core.checkpoint import WEIGHTS_FILE, build_from_card, load_weights
 from dkdm_core.plan import JobPlan
 from dkdm_core.pool import Lease, NoisePool
+from dkdm_core.runtime import CPU_FP32
 from dkdm_core.training import KnowledgeBatch, Teacher
 from services.engine.loop import ReplicaLoop, blocking
 from services.jobs.store import JobStore
@@ -48,9 +50,10 @@ class TeacherReplica:
         self.plan = JobPlan.model_validate(plan)
         self.index = index
         self.name = f"teacher-{index}"
-        dev = torch.device(device)
+        # fp32 and a CPU generator, as the local engine on the CPU: replica 0 reproduces its noise.
+        runtime = replace(CPU_FP32, device=torch.device(device))
         rng = torch.Generator().manual_seed(self.plan.teacher_seed(index, generation))
-        self.teacher = Teacher(load_teacher(self.plan, dev), self.plan.build_chain(), rng, dev)
+        self.teacher = Teacher(load_teacher(self.plan, runtime.device), self.plan.build_chain(), rng, runtime)
         self.store = JobStore(redis_url, job_id) if redis_url and job_id else None
         self.stop_event = threading.Event()
 
