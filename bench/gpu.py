@@ -166,7 +166,7 @@ def bench_ray(pair: Pair, args: argparse.Namespace, replicas: int, workdir: Path
     """The Ray engine on the same device: replicas and one student rank share it (fractional GPUs)."""
     from dkdm_core.spec import DistillSpec
     from services.engine.driver import run_job
-    from services.engine.store import JobStore
+    from services.jobs.store import JobStore
 
     out = workdir / f"ray-{pair.name}-{replicas}"
     cuda = args.device_obj.type == "cuda"

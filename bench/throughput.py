@@ -57,7 +57,7 @@ def steady_rate(records: list[dict[str, Any]], warmup: int, batch: int) -> float
 
 def bench_local(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     spec = base_spec(args, workdir / "local")
-    distiller, _, _ = build_distiller(spec, torch.device(args.device))
+    distiller, _ = build_distiller(spec, torch.device(args.device))
     distiller.init_pool(spec.teacher_batch_size)
     times = []
     for _ in range(args.steps):
@@ -73,7 +73,7 @@ def bench_local(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def bench_ray(args: argparse.Namespace, workdir: Path, replicas: int, redis_url: str) -> dict[str, Any]:
     from services.engine.driver import run_job
-    from services.engine.store import JobStore
+    from services.jobs.store import JobStore
 
     out = workdir / f"ray-{replicas}"
     spec = base_spec(args, out).model_copy(update={"engine": "ray"})

@@ -245,6 +245,55 @@ def per_student(model: nn.Module, chain: GaussianDiffusion, t: torch.Tensor, ter
     return {f"mse_s{i}": means[i] for i in range(n)}
 
 
+class Teacher:
+    """The teacher half of Algorithm 1: one no-grad teacher step on the chain, as ``Learner`` is the
+    student half. ``Distiller`` (one process) and the Ray ``TeacherReplica`` both step through it.
+
+    The network runs in the runtime's precision (``FrozenTeacher``); ``generator`` draws the
+    ancestral-step noise; ``evaluations`` counts sample-evaluations (pool initialisation included),
+    what the paper's cost comparisons count.
+    """
+
+    def __init__(
+        self, model: nn.Module, chain: GaussianDiffusion, generator: torch.Generator, runtime: Runtime | None = None
+    ) -> None:
+        self.runtime = runtime or CPU_FP32
+        self.device = self.runtime.device
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        # The teacher as it is called: in the runtime's precision, compiled if asked (fp32 CPU: itself).
+        self.run = FrozenTeacher(self.model, self.runtime)
+        self.chain = chain
+        self.generator = generator
+        self.evaluations = 0
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One teacher step of (x_t, t): x̂_{t-1}, on the teacher's device."""
+        self.evaluations += x_t.shape[0]
+        return teacher_step(self.run, self.chain, x_t, t, self.generator, self.device).x_prev
+
+    def init_pool(
+        self, pool: NoisePool, teacher_batch_size: int, method: PoolInit = "shuffle", per_trajectory: int = 8
+    ) -> int:
+        """Spread ``pool`` over the chain (shuffled and dynamic strategies); returns teacher evaluations."""
+
+        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # the pool's DenoiseFn
+            return self.denoise(x_t, t).to(pool.device)
+
+        return pool.initialise(denoise, teacher_batch_size, method, per_trajectory)
+
+    def teach(self, lease: Lease) -> KnowledgeBatch:
+        """One teacher call on a lease: the student's targets and the pool's replacements."""
+        self.evaluations += lease.ids.numel()
+        return teacher_step(self.run, self.chain, lease.x_t, lease.t, self.generator, self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"teacher_generator": self.generator.get_state(), "teacher_calls": self.evaluations}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["teacher_generator"])
+        self.evaluations = int(state["teacher_calls"])
+
+
 class Distiller(Trainer):
     """Algorithm 1 in one process: take a subset, one teacher step, learn from it, put it back."""
 
@@ -262,29 +311,27 @@ class Distiller(Trainer):
         runtime: Runtime | None = None,
     ) -> None:
         super().__init__(student, optim, device, runtime)
-        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
-        # The teacher as it is called: in the runtime's precision, compiled if asked (fp32 CPU: itself).
-        self.run_teacher = FrozenTeacher(self.teacher, self.runtime)
+        self.teaching = Teacher(teacher, chain, teacher_generator, self.runtime)
         self.chain = chain
         self.pool = pool
-        self.teacher_generator = teacher_generator
         self.vlb_weight = vlb_weight
         self.mode: ObjectiveMode = mode
-        self.teacher_calls = 0  # sample-evaluations, shuffle denoise included
 
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The pool's DenoiseFn: one teacher step, onto the pool's device."""
-        self.teacher_calls += x_t.shape[0]
-        batch = teacher_step(self.run_teacher, self.chain, x_t, t, self.teacher_generator, self.device)
-        return batch.x_prev.to(self.pool.device)
+    @property
+    def teacher(self) -> nn.Module:
+        return self.teaching.model
+
+    @property
+    def teacher_calls(self) -> int:
+        """Teacher sample-evaluations, shuffle denoise included."""
+        return self.teaching.evaluations
 
     def init_pool(self, teacher_batch_size: int, method: PoolInit = "shuffle", per_trajectory: int = 8) -> int:
         """Spread the pool over the chain (shuffled and dynamic strategies); returns teacher evaluations."""
-        return self.pool.initialise(self.denoise, teacher_batch_size, method, per_trajectory)
+        return self.teaching.init_pool(self.pool, teacher_batch_size, method, per_trajectory)
 
     def teach(self, lease: Lease) -> KnowledgeBatch:
-        self.teacher_calls += lease.ids.numel()
-        return teacher_step(self.run_teacher, self.chain, lease.x_t, lease.t, self.teacher_generator, self.device)
+        return self.teaching.teach(lease)
 
     def step(self) -> StepLogs:
         self.runtime.begin_step()
@@ -298,18 +345,12 @@ class Distiller(Trainer):
         return {**self.optimizer_step(terms), **per_student(self.model, self.chain, batch.t, terms)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            **super().state_dict(),
-            "pool": self.pool.state_dict(),
-            "teacher_generator": self.teacher_generator.get_state(),
-            "teacher_calls": self.teacher_calls,
-        }
+        return {**super().state_dict(), "pool": self.pool.state_dict(), **self.teaching.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.pool.load_state_dict(state["pool"])
-        self.teacher_generator.set_state(state["teacher_generator"])
-        self.teacher_calls = int(state["teacher_calls"])
+        self.teaching.load_state_dict(state)
 
 
 class Learner(Trainer):

@@ -41,17 +41,22 @@ def _format_validation(exc: ValidationError) -> str:
     return "invalid config: " + "; ".join(parts)
 
 
-def _load_spec(cls: type[BaseModel], args: argparse.Namespace) -> Any:
-    data = load_yaml(args.config) if args.config else {}
-    for item in args.set or []:
+def apply_sets(data: dict[str, Any], items: list[str] | None) -> dict[str, Any]:
+    """``--set a.b=value`` overrides (values read as YAML), for ``dkdm`` and ``python -m services.engine``."""
+    for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:  # a NUL byte, a stray tab or quote: name the key, not a traceback
-            raise UsageError(f"--set {key}: the value is not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+            raise ValueError(f"--set {key}: the value is not valid YAML: {getattr(exc, 'problem', exc)}") from exc
         set_dotted(data, key, value)
+    return data
+
+
+def _load_spec(cls: type[BaseModel], args: argparse.Namespace) -> Any:
+    data = apply_sets(load_yaml(args.config) if args.config else {}, args.set)
     for key in ("steps", "out", "engine"):
         value = getattr(args, key, None)
         if value is not None:
@@ -188,7 +193,7 @@ def cmd_serve_api(args: argparse.Namespace) -> None:
 def cmd_serve_sampling(args: argparse.Namespace) -> None:
     import ray
 
-    from services.engine.store import ModelRegistry, connect
+    from services.jobs.store import ModelRegistry, connect
     from services.serving.app import deploy
     from services.serving.settings import SamplingSettings
 
@@ -203,29 +208,35 @@ def cmd_serve_sampling(args: argparse.Namespace) -> None:
     print(f"sampling service deployed: http://{args.host}:{args.port}/v1/models/{{name}}/samples")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dkdm", description="Data-free distillation of diffusion models.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML job spec")
+    p.add_argument("--steps", type=int, help="override the number of optimiser steps")
+    p.add_argument("--out", help="output folder (resumes from its checkpoints if present)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec field, e.g. pool.rho=1.0")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _device_arg(p, default=None)
 
-    def config_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", help="YAML job spec")
-        p.add_argument("--steps", type=int, help="override the number of optimiser steps")
-        p.add_argument("--out", help="output folder (resumes from its checkpoints if present)")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec field, e.g. pool.rho=1.0")
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
-        device_arg(p, default=None)
 
-    def device_arg(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
-        p.add_argument(
-            "--device",
-            default=default,
-            help="auto (a GPU if there is one), cpu, cuda or cuda:N (sets runtime.device of a spec)",
-        )
+def _device_arg(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    p.add_argument(
+        "--device",
+        default=default,
+        help="auto (a GPU if there is one), cpu, cuda or cuda:N (sets runtime.device of a spec)",
+    )
 
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    p.add_argument("--sampler", choices=["iddpm", "ddim"], default="iddpm", help="default: iddpm")
+    p.add_argument("--seed", type=int, default=0)
+    _device_arg(p)
+
+
+def _add_training(sub: Any) -> None:
+    """teacher train, autoencoder train, distill."""
     teacher = sub.add_parser("teacher", help="teacher models").add_subparsers(dest="teacher_command", required=True)
     p = teacher.add_parser("train", help="train a teacher on a bundled dataset with L_hybrid")
-    config_args(p)
+    _config_args(p)
     p.set_defaults(func=cmd_teacher_train)
 
     ae = sub.add_parser("autoencoder", help="latent space").add_subparsers(dest="ae_command", required=True)
@@ -237,23 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_autoencoder_train)
 
     p = sub.add_parser("distill", help="distill a student from a teacher without data (DKDM, O2MKD, BOOT)")
-    config_args(p)
+    _config_args(p)
     p.add_argument("--engine", choices=["local", "ray"], help="override the engine")
     p.set_defaults(func=cmd_distill)
 
-    def sampling_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-        p.add_argument("--sampler", choices=["iddpm", "ddim"], default="iddpm", help="default: iddpm")
-        p.add_argument("--seed", type=int, default=0)
-        device_arg(p)
 
+def _add_models(sub: Any) -> None:
+    """sample, eval, export, classifier train."""
     p = sub.add_parser("sample", help="draw samples from a model folder into an .npz (uint8 NHWC, arr_0)")
     p.add_argument("--model", required=True, help="model folder (dkdm or diffusers format)")
     p.add_argument("--num", type=int, required=True, help="number of samples")
     p.add_argument("--out", required=True, help="output .npz file")
     p.add_argument("--grid", help="also write a PNG grid of the first 100")
     p.add_argument("--batch-size", type=int, default=256)
-    sampling_args(p)
+    _sampling_args(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="digits Fréchet distance and IS analogue of samples or a model")
@@ -262,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=1000, help="samples to draw with --model")
     p.add_argument("--inception", help="local TorchScript Inception feature extractor for FID")
     p.add_argument("--out", help="also write the metrics JSON here")
-    sampling_args(p)
+    _sampling_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export a UNet model folder as a diffusers DDPMPipeline")
@@ -279,17 +287,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=30)
     p.set_defaults(func=cmd_classifier_train)
 
+
+def _add_services(sub: Any) -> None:
+    """serve api, serve sampling."""
     srv = sub.add_parser("serve", help="the control plane API and the sampling service").add_subparsers(
         dest="serve_command", required=True
     )
-    p = srv.add_parser("api", help="run the control plane (FastAPI; settings from DKDM_* variables)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.set_defaults(func=cmd_serve_api)
-    p = srv.add_parser("sampling", help="deploy the Ray Serve sampling app on RAY_ADDRESS's cluster")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.set_defaults(func=cmd_serve_sampling)
+    for name, help_, port, func in (
+        ("api", "run the control plane (FastAPI; settings from DKDM_* variables)", 8080, cmd_serve_api),
+        ("sampling", "deploy the Ray Serve sampling app on RAY_ADDRESS's cluster", 8000, cmd_serve_sampling),
+    ):
+        p = srv.add_parser(name, help=help_)
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=port)
+        p.set_defaults(func=func)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dkdm", description="Data-free distillation of diffusion models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_training(sub)
+    _add_models(sub)
+    _add_services(sub)
     return parser
 
 

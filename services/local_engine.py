@@ -6,15 +6,16 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from dkdm_core.checkpoint import ModelCard, load_model
+from dkdm_core.checkpoint import ModelCard, list_checkpoints, load_model
 from dkdm_core.data import DatasetName, load_dataset, mix_real
-from dkdm_core.diffusion import GaussianDiffusion
 from dkdm_core.latent import (
     build_autoencoder,
     decode,
@@ -25,15 +26,15 @@ from dkdm_core.latent import (
 )
 from dkdm_core.methods.boot import BootDistiller
 from dkdm_core.models import build_model, count_parameters
-from dkdm_core.objective import resolve_objective
-from dkdm_core.pool import NoisePool, pool_size
+from dkdm_core.plan import JobPlan, make_plan
+from dkdm_core.pool import NoisePool
 from dkdm_core.runtime import Runtime, pick_device, pool_generator, resolve_runtime
 from dkdm_core.sampling import generate, sampling_diffusion
 from dkdm_core.spec import POOL_METHODS, DistillSpec, TeacherTrainSpec
-from dkdm_core.students import build_student
+from dkdm_core.students import init_student
 from dkdm_core.training import DataTrainer, Distiller
 from services.evaluation import digits_evaluator, resolve_path
-from services.runner import RunResult, check_resumable, run_training
+from services.runner import ResumePoint, RunResult, SteppingTrainer, decide_resume, run_training
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,17 @@ def job_runtime(spec: DistillSpec | TeacherTrainSpec) -> Runtime:
     return runtime
 
 
+def local_resume(spec: DistillSpec | TeacherTrainSpec) -> ResumePoint | None:
+    """Fresh or resumed, decided once from OUT/checkpoints' complete checkpoints, before any set-up."""
+    out = Path(spec.out)
+    return decide_resume(out, spec.model_dump(), list_checkpoints(out / "checkpoints"))
+
+
 def train_teacher(spec: TeacherTrainSpec, progress: bool = True) -> RunResult:
     """Data-based training of a teacher with L_hybrid (Eq. 13)."""
     if spec.run.threads:
         torch.set_num_threads(spec.run.threads)
-    check_resumable(Path(spec.out), spec.model_dump())
+    resume = local_resume(spec)
     torch.manual_seed(spec.seed)
     runtime = job_runtime(spec)
     device = runtime.device
@@ -79,67 +86,55 @@ def train_teacher(spec: TeacherTrainSpec, progress: bool = True) -> RunResult:
         autoencoder=autoencoder,
         info={"kind": "teacher", "parameters": count_parameters(model), "objective": "hybrid"},
     )
+    out = Path(spec.out)
     return run_training(
-        trainer, card, spec.model_dump(), Path(spec.out), spec.steps, spec.run, spec.seed, progress=progress
+        trainer, card, spec.model_dump(), out, spec.steps, spec.run, spec.seed, resume, progress=progress
     )
 
 
-def teacher_chain(spec: DistillSpec, teacher_card: ModelCard) -> GaussianDiffusion:
-    """The chain the teacher steps along: its T steps, respaced to ``pool.chain_steps`` when set."""
-    diff = teacher_card.diffusion
-    chain_steps = spec.pool.chain_steps
-    if chain_steps is not None and chain_steps > diff.num_timesteps:
-        raise ValueError(f"pool.chain_steps={chain_steps} exceeds the teacher's T={diff.num_timesteps}")
-    return diff.build(teacher_card.learn_sigma, respacing=chain_steps)
+def load_teacher(spec: DistillSpec, device: torch.device) -> tuple[nn.Module, JobPlan]:
+    """The teacher and the job's plan: the teacher's card is read once, with its weights."""
+    teacher_dir = resolve_path(spec.teacher).resolve()
+    teacher, card = load_model(teacher_dir, device)
+    return teacher, make_plan(spec, card, str(teacher_dir))
 
 
-def build_distiller(
-    spec: DistillSpec, device: torch.device | None = None
-) -> tuple[Distiller, ModelCard, dict[str, float]]:
-    """Teacher, student, chain and pool for a DKDM job, before the pool is initialised."""
+def make_distiller(plan: JobPlan, teacher: nn.Module, runtime: Runtime) -> Distiller:
+    """Student, chain and pool of a pool-method job, before the pool is initialised."""
+    spec = plan.spec
+    pool_bytes = plan.pool_size * math.prod(plan.sample_shape) * 4
+    pool_rng = pool_generator(runtime, plan.pool_seed(), pool_bytes)  # where the pool fits, it lives there
+    pool = NoisePool(spec.pool.strategy, plan.pool_size, plan.sample_shape, plan.chain_length, pool_rng)
+    teacher_rng = runtime.generator(plan.teacher_seed())
+    student, chain = init_student(plan), plan.build_chain()
+    return Distiller(
+        student, teacher, chain, pool, spec.optim, teacher_rng, spec.vlb_weight, plan.objective, runtime=runtime
+    )
+
+
+def build_distiller(spec: DistillSpec, device: torch.device | None = None) -> tuple[Distiller, JobPlan]:
+    """A DKDM job's distiller and plan, before the pool is initialised (``device`` overrides the spec's)."""
     runtime = job_runtime(spec)
     if device is not None:
         runtime = replace(runtime, device=torch.device(device))
-    device = runtime.device
-    teacher, teacher_card = load_model(resolve_path(spec.teacher), device)
-    objective = resolve_objective(spec.objective, teacher_card.learn_sigma)
-    torch.manual_seed(spec.seed)
-    student, card = build_student(spec, teacher_card)
-    chain = teacher_chain(spec, teacher_card)
-    b = spec.optim.batch_size
-    size = pool_size(spec.pool.strategy, b, chain.num_timesteps, spec.pool.rho)
-    pool_bytes = size * math.prod(teacher_card.sample_shape) * 4
-    pool = NoisePool(
-        spec.pool.strategy,
-        size,
-        teacher_card.sample_shape,
-        chain.num_timesteps,
-        pool_generator(runtime, spec.seed, pool_bytes),
+    teacher, plan = load_teacher(spec, runtime.device)
+    return make_distiller(plan, teacher, runtime), plan
+
+
+def train(
+    trainer: SteppingTrainer,
+    plan: JobPlan,
+    resume: ResumePoint | None,
+    progress: bool,
+    stats: dict[str, float] | None = None,
+    extra_log: Callable[[], dict[str, float]] | None = None,
+) -> RunResult:
+    """``run_training`` of a distillation job: the plan's student card (a copy: runs add metrics to it)."""
+    spec, card = plan.spec, plan.student_card.model_copy(deep=True)
+    out = Path(spec.out)
+    return run_training(
+        trainer, card, spec.model_dump(), out, spec.steps, spec.run, spec.seed, resume, extra_log, stats, progress
     )
-    distiller = Distiller(
-        student,
-        teacher,
-        chain,
-        pool,
-        spec.optim,
-        teacher_generator=runtime.generator(spec.seed + 1),
-        vlb_weight=spec.vlb_weight,
-        mode=objective,
-        device=device,
-        runtime=runtime,
-    )
-    card.info = {
-        "kind": "student",
-        "method": spec.method,
-        "teacher": str(spec.teacher),
-        "parameters": count_parameters(student),
-        "teacher_parameters": count_parameters(teacher),
-        "chain_steps": chain.num_timesteps,
-        "pool_size": size,
-        "objective": objective,
-    }
-    stats = {"pool_size": float(size), "chain_steps": float(chain.num_timesteps)}
-    return distiller, card, stats
 
 
 def teacher_dataset(spec: DistillSpec, teacher: torch.nn.Module, card: ModelCard, device: torch.device) -> torch.Tensor:
@@ -162,87 +157,84 @@ def teacher_dataset(spec: DistillSpec, teacher: torch.nn.Module, card: ModelCard
     return data
 
 
-def train_baseline(spec: DistillSpec, progress: bool = True) -> RunResult:
-    """The paper's dataset baselines: a student trained with L_hybrid on real, synthetic or mixed data."""
-    out = Path(spec.out)
-    check_resumable(out, spec.model_dump())
-    runtime = job_runtime(spec)
-    device = runtime.device
-    teacher, teacher_card = load_model(resolve_path(spec.teacher), device)
-    gen = torch.Generator().manual_seed(spec.seed)
+def real_data(card: ModelCard, gen: torch.Generator) -> torch.Tensor:
+    """The teacher's dataset, encoded by its autoencoder for latent teachers."""
+    data = load_dataset(card.data or "digits", gen)
+    if card.autoencoder is not None:
+        data = encode(load_autoencoder(card.autoencoder), data)
+    return data
+
+
+def baseline_data(
+    plan: JobPlan, teacher: nn.Module, gen: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The set a dataset baseline trains on (real, teacher-made or mixed) and what it cost."""
+    spec, card = plan.spec, plan.teacher_card
     stats: dict[str, float] = {"teacher_calls": 0.0}
     if spec.method == "data-based":
-        if teacher_card.data is None:
-            raise ValueError("method data-based needs the teacher's dataset, and this teacher names none")
-        data = load_dataset(teacher_card.data, gen)
-        if teacher_card.autoencoder is not None:
-            data = encode(load_autoencoder(teacher_card.autoencoder), data)
+        data = real_data(card, gen)  # the plan checked that the teacher names its dataset
     else:
-        data = teacher_dataset(spec, teacher, teacher_card, device)
+        data = teacher_dataset(spec, teacher, card, device)
         stats["teacher_calls"] = float(data.shape[0] * spec.baseline.synthetic_steps)
         if spec.method == "data-limited":
-            real = load_dataset(teacher_card.data or "digits", gen)
-            if teacher_card.autoencoder is not None:
-                real = encode(load_autoencoder(teacher_card.autoencoder), real)
-            data = mix_real(data, real, spec.baseline.real_fraction, gen)
+            data = mix_real(data, real_data(card, gen), spec.baseline.real_fraction, gen)
             stats["real_fraction"] = spec.baseline.real_fraction
     stats["dataset_size"] = float(data.shape[0])
-    torch.manual_seed(spec.seed)
-    student, card = build_student(spec, teacher_card)
-    diffusion = card.diffusion.build(card.learn_sigma)  # the student's parameterisation (ε)
-    trainer = DataTrainer(student, diffusion, data, spec.optim, gen, spec.vlb_weight, device, runtime)
-    card.info = {"kind": "student", "method": spec.method, "teacher": str(spec.teacher), **stats}
-    card.info["parameters"] = count_parameters(student)
-    return run_training(
-        trainer, card, spec.model_dump(), out, spec.steps, spec.run, spec.seed, extra_metrics=stats, progress=progress
-    )
+    return data, stats
 
 
-def train_boot(spec: DistillSpec, progress: bool = True) -> RunResult:
+def train_baseline(
+    plan: JobPlan, teacher: nn.Module, resume: ResumePoint | None, runtime: Runtime, progress: bool
+) -> RunResult:
+    """The paper's dataset baselines: a student trained with L_hybrid on real, synthetic or mixed data."""
+    spec = plan.spec
+    gen = torch.Generator().manual_seed(spec.seed)
+    data, stats = baseline_data(plan, teacher, gen, runtime.device)
+    student, diffusion = init_student(plan), plan.build_student_diffusion()  # ε, as the student card says
+    trainer = DataTrainer(student, diffusion, data, spec.optim, gen, spec.vlb_weight, runtime.device, runtime)
+    return train(trainer, plan, resume, progress, stats)
+
+
+def train_boot(
+    plan: JobPlan, teacher: nn.Module, resume: ResumePoint | None, runtime: Runtime, progress: bool
+) -> RunResult:
     """BOOT: a one-step student bootstrapped along the teacher's chain (``pool.chain_steps`` long)."""
-    out = Path(spec.out)
-    check_resumable(out, spec.model_dump())
-    device = job_runtime(spec).device
-    teacher, teacher_card = load_model(resolve_path(spec.teacher), device)
-    chain = teacher_chain(spec, teacher_card)
-    torch.manual_seed(spec.seed)
-    student, card = build_student(spec, teacher_card)
+    spec, boot = plan.spec, plan.spec.boot
+    student, chain = init_student(plan), plan.build_chain()
+    noise = torch.Generator().manual_seed(spec.seed)  # BOOT's own noise draws (it keeps no pool)
     trainer = BootDistiller(
         student,
         teacher,
         chain,
-        teacher_card.sample_shape,
+        plan.sample_shape,
         spec.optim,
-        torch.Generator().manual_seed(spec.seed),
-        spec.boot.boundary_fraction,
-        spec.boot.boundary_weight,
-        device,
+        noise,
+        boot.boundary_fraction,
+        boot.boundary_weight,
+        runtime.device,
     )
-    card.info = {
-        "kind": "student",
-        "method": "boot",
-        "teacher": str(spec.teacher),
-        "parameters": count_parameters(student),
-        "teacher_parameters": count_parameters(teacher),
-        "chain_steps": chain.num_timesteps,
-    }
-    stats = {"chain_steps": float(chain.num_timesteps)}
+    stats = {"chain_steps": float(plan.chain_length)}
+    return train(trainer, plan, resume, progress, stats, lambda: {"teacher_calls": float(trainer.teacher_calls)})
+
+
+def train_pool(
+    plan: JobPlan, teacher: nn.Module, resume: ResumePoint | None, runtime: Runtime, progress: bool
+) -> RunResult:
+    """Dynamic iterative distillation (Algorithm 1; one student or O2MKD's N) in this process."""
+    distiller = make_distiller(plan, teacher, runtime)
+    stats = {"pool_size": float(plan.pool_size), "chain_steps": float(plan.chain_length)}
+    if resume is None:  # a resumed run takes its pool from the checkpoint it resumes
+        start = time.perf_counter()
+        spec = plan.spec
+        evaluations = distiller.init_pool(spec.teacher_batch_size, spec.pool.init, spec.pool.per_trajectory)
+        stats["pool_init_seconds"] = time.perf_counter() - start
+        stats["pool_init_teacher_evaluations"] = float(evaluations)
+        log.info("pool of %d initialised with %d teacher evaluations", plan.pool_size, evaluations)
 
     def extra() -> dict[str, float]:
-        return {"teacher_calls": float(trainer.teacher_calls)}
+        return {"teacher_calls": float(distiller.teacher_calls), "pool_finished": float(distiller.pool.finished)}
 
-    return run_training(
-        trainer,
-        card,
-        spec.model_dump(),
-        out,
-        spec.steps,
-        spec.run,
-        spec.seed,
-        extra_log=extra,
-        extra_metrics=stats,
-        progress=progress,
-    )
+    return train(distiller, plan, resume, progress, stats, extra)
 
 
 def make_autoencoder(
@@ -273,36 +265,14 @@ def make_autoencoder(
 
 
 def distill_local(spec: DistillSpec, progress: bool = True) -> RunResult:
-    """Dynamic iterative distillation (Algorithm 1; one student or O2MKD's N) in this process, BOOT, or a baseline."""
+    """A distillation job in this process: DKDM/O2MKD (Algorithm 1), BOOT, or a dataset baseline."""
     if spec.run.threads:
         torch.set_num_threads(spec.run.threads)
+    resume = local_resume(spec)  # before the teacher is loaded and the pool is touched
+    runtime = job_runtime(spec)
+    teacher, plan = load_teacher(spec, runtime.device)
     if spec.method == "boot":
-        return train_boot(spec, progress)
+        return train_boot(plan, teacher, resume, runtime, progress)
     if spec.method not in POOL_METHODS:
-        return train_baseline(spec, progress)
-    out = Path(spec.out)
-    check_resumable(out, spec.model_dump())  # before the costly pool initialisation
-    distiller, card, stats = build_distiller(spec)
-    fresh = not (out / "checkpoints").is_dir()
-    if fresh:
-        start = time.perf_counter()
-        evaluations = distiller.init_pool(spec.teacher_batch_size, spec.pool.init, spec.pool.per_trajectory)
-        stats["pool_init_seconds"] = time.perf_counter() - start
-        stats["pool_init_teacher_evaluations"] = float(evaluations)
-        log.info("pool of %d initialised with %d teacher evaluations", distiller.pool.size, evaluations)
-
-    def extra() -> dict[str, float]:
-        return {"teacher_calls": float(distiller.teacher_calls), "pool_finished": float(distiller.pool.finished)}
-
-    return run_training(
-        distiller,
-        card,
-        spec.model_dump(),
-        out,
-        spec.steps,
-        spec.run,
-        spec.seed,
-        extra_log=extra,
-        extra_metrics=stats,
-        progress=progress,
-    )
+        return train_baseline(plan, teacher, resume, runtime, progress)
+    return train_pool(plan, teacher, resume, runtime, progress)

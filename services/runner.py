@@ -19,17 +19,26 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 import torch
 import yaml
+from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
-from dkdm_core.checkpoint import ModelCard, list_checkpoints, load_train_state, save_checkpoint, save_model
+from dkdm_core.checkpoint import (
+    WEIGHTS_FILE,
+    CheckpointError,
+    ModelCard,
+    list_checkpoints,
+    load_train_state,
+    save_checkpoint,
+    save_model,
+)
 from dkdm_core.sampling import draw, sampling_steps
 from dkdm_core.spec import RunSpec
-from dkdm_core.training import read_logs
+from dkdm_core.training import StepLogs, read_logs
 from services.evaluation import digits_evaluator
 from services.images import save_grid
 
@@ -68,14 +77,9 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def check_resumable(out: Path, spec: dict[str, Any], has_checkpoints: bool | None = None) -> None:
-    """Refuse to resume a checkpoint made by a different job (another student, pool, seed...).
-
-    ``has_checkpoints`` defaults to whether OUT/checkpoints holds any (the local layout).
-    """
+def check_resumable(out: Path, spec: dict[str, Any], has_checkpoints: bool) -> None:
+    """Refuse to resume a checkpoint made by a different job (another student, pool, seed...)."""
     previous_path = out / "spec.yaml"
-    if has_checkpoints is None:
-        has_checkpoints = bool(list_checkpoints(out / "checkpoints"))
     if not previous_path.is_file() or not has_checkpoints:
         return
     before = _flatten(yaml.safe_load(previous_path.read_text()) or {})
@@ -90,14 +94,57 @@ def check_resumable(out: Path, spec: dict[str, Any], has_checkpoints: bool | Non
         raise ValueError(f"{out} holds checkpoints of a different job ({diff}); use a new --out to start over")
 
 
-def resume_latest(trainer: SteppingTrainer, checkpoints: Path) -> int:
-    """Load the newest complete checkpoint, if any; returns the step it continues from."""
-    found = list_checkpoints(checkpoints)
-    if not found:
-        return 0
-    trainer.load_state_dict(load_train_state(found[-1]))
-    log.info("resumed from %s", found[-1])
-    return trainer.steps_done
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a run continues from, read once: the student and the pool both come from it."""
+
+    path: Path
+    state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["steps_done"])
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's training state, after checking its weights file reads too (a truncated file fails)."""
+    state = load_train_state(path)
+    weights = path / WEIGHTS_FILE
+    try:
+        load_file(str(weights))
+    except Exception as exc:  # safetensors' own error type: a missing, truncated or foreign file
+        raise CheckpointError(f"{weights} could not be read: {exc}") from exc
+    return state
+
+
+def resume_point(candidates: list[Path]) -> ResumePoint | None:
+    """The newest of ``candidates`` (complete checkpoints, oldest first) whose files all read back.
+
+    None means a fresh run: no checkpoint was ever completed (a crash during the first save leaves
+    only ``step_*.tmp``). A newest checkpoint with a truncated or corrupt file is passed over for the
+    previous one, with a warning naming both; if none reads back, the error names the newest file.
+    """
+    errors: list[CheckpointError] = []
+    for path in reversed(candidates):
+        try:
+            state = _read_checkpoint(path)
+        except CheckpointError as exc:
+            log.warning("checkpoint %s is unreadable: %s", path, exc)
+            errors.append(exc)
+            continue
+        if errors:
+            log.warning("resuming from %s instead of the unreadable %s", path, candidates[-1])
+        log.info("resuming from %s", path)
+        return ResumePoint(path, state)
+    if errors:
+        raise CheckpointError(f"no checkpoint to resume from reads back: {errors[0]}; remove it or use a new --out")
+    return None
+
+
+def decide_resume(out: Path, spec: dict[str, Any], candidates: list[Path]) -> ResumePoint | None:
+    """Whether (and from where) a run resumes: decided once, before any costly set-up."""
+    check_resumable(out, spec, has_checkpoints=bool(candidates))
+    return resume_point(candidates)
 
 
 def evaluate_model(
@@ -115,6 +162,69 @@ def evaluate_model(
     return metrics, samples
 
 
+@dataclass
+class _Run:
+    """One training run's bookkeeping around the trainer: logs, checkpoints, grids, evaluations."""
+
+    trainer: SteppingTrainer
+    card: ModelCard
+    out: Path
+    total_steps: int
+    run: RunSpec
+    seed: int
+    extra_log: Callable[[], dict[str, float]] | None
+    saved_at: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+    def extra(self) -> dict[str, float]:
+        return self.extra_log() if self.extra_log else {}
+
+    def checkpoint(self) -> None:
+        self.saved_at = self.trainer.steps_done
+        save_checkpoint(self.checkpoints, self.saved_at, self.trainer.ema.model, self.card, self.trainer.state_dict())
+        save_model(self.out, self.trainer.ema.model, self.card)
+
+    def after_step(self, logs: StepLogs, log_file: IO[str]) -> dict[str, float] | None:
+        """Log, checkpoint, sample and evaluate as the run spec says; the logged numbers, on log steps."""
+        step, run, last = self.trainer.steps_done, self.run, self.trainer.steps_done == self.total_steps
+        numbers = None
+        if step % run.log_every == 0 or last:
+            numbers = read_logs(logs)  # the one host read of a step's numbers, on log steps only
+            record = {"step": step, **numbers, **self.extra(), "elapsed_s": time.perf_counter() - self.started}
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+        if step % run.checkpoint_every == 0:
+            self.checkpoint()
+        if step % run.sample_every == 0 and not last and len(self.card.sample_shape) == 3:
+            _, samples = evaluate_model(self.trainer.ema.model, self.card, run, 64, self.seed)
+            save_grid(samples, self.out / "samples" / f"step_{step:08d}.png")
+        if run.eval_every and step % run.eval_every == 0 and not last:
+            scores, _ = evaluate_model(self.trainer.ema.model, self.card, run, run.eval_samples, self.seed)
+            log_file.write(json.dumps({"step": step, "eval": scores}) + "\n")
+            log_file.flush()
+        return numbers
+
+    def finish(self, extra_metrics: dict[str, float] | None) -> tuple[dict[str, float], Path | None]:
+        """The last checkpoint, the final evaluation, OUT/metrics.json and the model with its metrics."""
+        if self.saved_at != self.trainer.steps_done or not list_checkpoints(self.checkpoints):
+            self.checkpoint()
+        model = self.trainer.ema.model
+        metrics, samples = evaluate_model(model, self.card, self.run, self.run.eval_samples, self.seed)
+        metrics["train_seconds"] = time.perf_counter() - self.started
+        metrics["steps"] = float(self.trainer.steps_done)
+        metrics.update({**(extra_metrics or {}), **self.extra()})
+        images = len(self.card.sample_shape) == 3  # latent models decode to images too
+        grid = save_grid(samples[:100], self.out / "samples" / "final.png", nrow=10) if images else None
+        (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        self.card.info["metrics"] = metrics
+        save_model(self.out, model, self.card)
+        return metrics, grid
+
+
 def run_training(
     trainer: SteppingTrainer,
     card: ModelCard,
@@ -123,61 +233,26 @@ def run_training(
     total_steps: int,
     run: RunSpec,
     seed: int,
+    resume: ResumePoint | None,
     extra_log: Callable[[], dict[str, float]] | None = None,
     extra_metrics: dict[str, float] | None = None,
     progress: bool = True,
 ) -> RunResult:
-    """Train to ``total_steps`` (resuming from OUT/checkpoints), then save and evaluate.
-
-    Callers run ``check_resumable`` first, before any costly set-up of their own.
-    """
+    """Train to ``total_steps`` from ``resume`` (see ``decide_resume``) or from scratch, then save and evaluate."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    checkpoints = out / "checkpoints"
-    resumed = resume_latest(trainer, checkpoints)
-
-    saved_at = resumed
-    images = len(card.sample_shape) == 3  # latent models decode to images too
-
-    def checkpoint() -> None:
-        nonlocal saved_at
-        saved_at = trainer.steps_done
-        save_checkpoint(checkpoints, saved_at, trainer.ema.model, card, trainer.state_dict())
-        save_model(out, trainer.ema.model, card)
-
+    if resume is not None:
+        trainer.load_state_dict(resume.state)
+    state = _Run(trainer, card, out, total_steps, run, seed, extra_log, saved_at=trainer.steps_done)
+    resumed = trainer.steps_done
     bar = tqdm(total=total_steps, initial=resumed, disable=not progress, desc="train", dynamic_ncols=True)
-    started = time.perf_counter()
     with open(out / "log.jsonl", "a") as log_file:
         while trainer.steps_done < total_steps:
             logs = trainer.step()
-            step = trainer.steps_done
             bar.update(1)
-            if step % run.log_every == 0 or step == total_steps:
-                logs = read_logs(logs)  # the one host read of a step's numbers, on log steps only
-                record = {"step": step, **logs, **(extra_log() if extra_log else {})}
-                record["elapsed_s"] = time.perf_counter() - started
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                bar.set_postfix(loss=f"{logs['loss']:.4f}", mse=f"{logs['mse']:.4f}")
-            if step % run.checkpoint_every == 0:
-                checkpoint()
-            if step % run.sample_every == 0 and step < total_steps and images:
-                _, samples = evaluate_model(trainer.ema.model, card, run, 64, seed)
-                save_grid(samples, out / "samples" / f"step_{step:08d}.png")
-            if run.eval_every and step % run.eval_every == 0 and step < total_steps:
-                scores, _ = evaluate_model(trainer.ema.model, card, run, run.eval_samples, seed)
-                log_file.write(json.dumps({"step": step, "eval": scores}) + "\n")
-                log_file.flush()
+            numbers = state.after_step(logs, log_file)
+            if numbers is not None:
+                bar.set_postfix(loss=f"{numbers['loss']:.4f}", mse=f"{numbers['mse']:.4f}")
     bar.close()
-    if saved_at != trainer.steps_done or not list_checkpoints(checkpoints):
-        checkpoint()
-    metrics, samples = evaluate_model(trainer.ema.model, card, run, run.eval_samples, seed)
-    metrics["train_seconds"] = time.perf_counter() - started
-    metrics["steps"] = float(trainer.steps_done)
-    metrics.update(extra_metrics or {})
-    metrics.update(extra_log() if extra_log else {})
-    grid = save_grid(samples[:100], out / "samples" / "final.png", nrow=10) if images else None
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    card.info["metrics"] = metrics
-    save_model(out, trainer.ema.model, card)
+    metrics, grid = state.finish(extra_metrics)
     return RunResult(out=out, steps=trainer.steps_done, metrics=metrics, grid=grid, resumed_from=resumed)

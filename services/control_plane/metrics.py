@@ -16,8 +16,8 @@ import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from services.engine import keys
-from services.engine.store import JobStore, list_jobs
+from services.jobs import keys
+from services.jobs.store import JobStore, list_jobs
 
 JOB_STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 
@@ -64,53 +64,65 @@ class EngineCollector(Collector):
         self.max_jobs = max_jobs
 
     def collect(self) -> Iterator[Metric]:
-        jobs = GaugeMetricFamily("dkdm_jobs", "Jobs by state (the newest jobs)", labels=["state"])
-        step = GaugeMetricFamily("dkdm_job_step", "The student's current step", labels=["job_id"])
-        total = GaugeMetricFamily("dkdm_job_total_steps", "The job's step budget", labels=["job_id"])
-        progress = GaugeMetricFamily("dkdm_job_progress_ratio", "step / total_steps", labels=["job_id"])
-        loss = GaugeMetricFamily("dkdm_job_loss", "Latest logged loss terms", labels=["job_id", "term"])
-        idle = GaugeMetricFamily("dkdm_job_student_idle_ratio", "Rank 0's time waiting / wall time", labels=["job_id"])
-        pool = GaugeMetricFamily(
-            "dkdm_job_pool_samples", "Pool samples per t band (band 0: lowest t)", labels=["job_id", "shard", "band"]
-        )
-        depth = GaugeMetricFamily(
-            "dkdm_job_queue_depth", "Knowledge batches waiting per rank", labels=["job_id", "rank"]
-        )
-        fd = GaugeMetricFamily("dkdm_job_digits_fd", "Final digits Fréchet distance", labels=["job_id"])
-        counters = {
-            name: CounterMetricFamily(metric, doc, labels=["job_id"]) for name, (metric, doc) in COUNTER_METRICS.items()
-        }
+        f = _Families()
         states: Counter[str] = Counter()
         try:
             job_ids = list_jobs(self.r, self.max_jobs)
         except redis.RedisError:
             job_ids = []
         for job_id in job_ids:
-            store = JobStore(self.url, job_id, client=self.r)
-            record = store.record()
-            state = record.get("state", "PENDING")
-            states[state] += 1
-            s, n = float(record.get("step", 0)), float(record.get("total_steps", 0))
-            step.add_metric([job_id], s)
-            total.add_metric([job_id], n)
-            progress.add_metric([job_id], s / n if n else 0.0)
-            values = store.metrics()
-            for term in LOSS_TERMS:
-                if term in values:
-                    loss.add_metric([job_id, term], values[term])
-            if "idle_fraction" in values:
-                idle.add_metric([job_id], values["idle_fraction"])
-            if "digits_fd" in values:
-                fd.add_metric([job_id], values["digits_fd"])
-            for name, value in store.counters().items():
-                if name in counters:
-                    counters[name].add_metric([job_id], value)
-            if state not in keys.TERMINAL_STATES:
-                for shard, stats in store.shards().items():
-                    for band, count in enumerate(stats.get("histogram", [])):
-                        pool.add_metric([job_id, str(shard), str(band)], count)
-                for rank, d in store.queue_depths().items():
-                    depth.add_metric([job_id, str(rank)], d)
+            states[f.add_job(job_id, JobStore(self.url, job_id, client=self.r))] += 1
         for state in JOB_STATES:
-            jobs.add_metric([state], states[state])
-        yield from (jobs, step, total, progress, loss, idle, pool, depth, fd, *counters.values())
+            f.jobs.add_metric([state], states[state])
+        yield from (f.jobs, f.step, f.total, f.progress, f.loss, f.idle, f.pool, f.depth, f.fd, *f.counters.values())
+
+
+class _Families:
+    """The metric families of one scrape, filled job by job."""
+
+    def __init__(self) -> None:
+        self.jobs = GaugeMetricFamily("dkdm_jobs", "Jobs by state (the newest jobs)", labels=["state"])
+        self.step = GaugeMetricFamily("dkdm_job_step", "The student's current step", labels=["job_id"])
+        self.total = GaugeMetricFamily("dkdm_job_total_steps", "The job's step budget", labels=["job_id"])
+        self.progress = GaugeMetricFamily("dkdm_job_progress_ratio", "step / total_steps", labels=["job_id"])
+        self.loss = GaugeMetricFamily("dkdm_job_loss", "Latest logged loss terms", labels=["job_id", "term"])
+        self.idle = GaugeMetricFamily(
+            "dkdm_job_student_idle_ratio", "Rank 0's time waiting / wall time", labels=["job_id"]
+        )
+        self.pool = GaugeMetricFamily(
+            "dkdm_job_pool_samples", "Pool samples per t band (band 0: lowest t)", labels=["job_id", "shard", "band"]
+        )
+        self.depth = GaugeMetricFamily(
+            "dkdm_job_queue_depth", "Knowledge batches waiting per rank", labels=["job_id", "rank"]
+        )
+        self.fd = GaugeMetricFamily("dkdm_job_digits_fd", "Final digits Fréchet distance", labels=["job_id"])
+        self.counters = {
+            name: CounterMetricFamily(metric, doc, labels=["job_id"]) for name, (metric, doc) in COUNTER_METRICS.items()
+        }
+
+    def add_job(self, job_id: str, store: JobStore) -> str:
+        """One job's samples; returns its state."""
+        record = store.record()
+        state = record.get("state", "PENDING")
+        s, n = float(record.get("step", 0)), float(record.get("total_steps", 0))
+        self.step.add_metric([job_id], s)
+        self.total.add_metric([job_id], n)
+        self.progress.add_metric([job_id], s / n if n else 0.0)
+        values = store.metrics()
+        for term in LOSS_TERMS:
+            if term in values:
+                self.loss.add_metric([job_id, term], values[term])
+        if "idle_fraction" in values:
+            self.idle.add_metric([job_id], values["idle_fraction"])
+        if "digits_fd" in values:
+            self.fd.add_metric([job_id], values["digits_fd"])
+        for name, value in store.counters().items():
+            if name in self.counters:
+                self.counters[name].add_metric([job_id], value)
+        if state not in keys.TERMINAL_STATES:
+            for shard, stats in store.shards().items():
+                for band, count in enumerate(stats.get("histogram", [])):
+                    self.pool.add_metric([job_id, str(shard), str(band)], count)
+            for rank, d in store.queue_depths().items():
+                self.depth.add_metric([job_id, str(rank)], d)
+        return state

@@ -6,35 +6,69 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 
-from dkdm_core.checkpoint import CheckpointError, read_card
-from dkdm_core.spec import DistillSpec
-from dkdm_core.students import student_card
+from dkdm_core.checkpoint import CheckpointError, ModelCard, read_card
+from dkdm_core.plan import JobPlan, PlanError, make_plan
+from dkdm_core.spec import POOL_METHODS, DistillSpec, RayEngineSpec
 from services.control_plane.launcher import RayLauncher
 from services.control_plane.settings import Settings
-from services.engine.keys import TERMINAL_STATES
-from services.engine.store import JobStore, ModelRegistry, list_jobs
 from services.evaluation import resolve_path
+from services.jobs.keys import TERMINAL_STATES
+from services.jobs.store import JobStore, ModelRegistry, list_jobs
 
 
-class JobRequest(DistillSpec):
-    """The JobSpec of ``POST /jobs``: a DistillSpec whose output folder and engine the service chooses."""
+class _RequestChecks(BaseModel):
+    """What ``POST /jobs`` adds to the engine's spec: the service picks the output folder and the
+    engine, so only pool methods whose batch splits over the ranks can be asked for. Each check
+    runs on its own field, so a refusal names that field."""
 
-    @field_validator("out")
+    model_config = ConfigDict(extra="forbid")
+
+    out: None = None  # chosen by the service: runs_dir/<job id>
+    engine: Literal["ray"] = "ray"
+
+    @field_validator("out", mode="before")
     @classmethod
-    def _out_is_chosen_by_the_service(cls, value: str) -> str:
-        raise ValueError("chosen by the service (runs_dir/<job id>); leave it out")
+    def _out_is_chosen_by_the_service(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError("chosen by the service (runs_dir/<job id>); leave it out")
 
-    @field_validator("engine")
+    @field_validator("engine", mode="before")
     @classmethod
-    def _engine_is_ray(cls, value: str) -> str:
+    def _engine_is_ray(cls, value: Any) -> str:
         if value != "ray":
             raise ValueError("jobs submitted over the API run on the ray engine")
         return value
+
+    @field_validator("method", check_fields=False)
+    @classmethod
+    def _learns_from_the_pool(cls, value: str) -> str:
+        if value not in POOL_METHODS:
+            raise ValueError(f"method {value!r} does not learn from the knowledge pool: it runs on engine 'local'")
+        return value
+
+    @field_validator("ray", check_fields=False)
+    @classmethod
+    def _batch_splits_over_the_ranks(cls, value: RayEngineSpec, info: ValidationInfo) -> RayEngineSpec:
+        optim = info.data.get("optim")
+        if optim is not None and optim.batch_size % value.students:
+            raise ValueError(
+                f"optim.batch_size ({optim.batch_size}) must be a multiple of ray.students ({value.students}): "
+                "each rank trains on b/m samples of the global batch b"
+            )
+        return value
+
+
+# The input model of POST /jobs: the engine's spec fields, less those the service chooses, plus its checks.
+JobRequest = create_model(
+    "JobRequest",
+    __base__=_RequestChecks,
+    **{n: (f.annotation, f) for n, f in DistillSpec.model_fields.items() if n not in ("out", "engine")},  # type: ignore[call-overload]
+)
 
 
 class ScaleRequest(BaseModel):
@@ -85,37 +119,36 @@ class JobService:
     def store(self, job_id: str) -> JobStore:
         return JobStore(self.settings.redis_url, job_id, client=self.r)
 
-    def check_teacher(self, teacher: str) -> str:
-        """The teacher's absolute folder, if it is a model folder inside one of the model roots."""
+    def read_teacher(self, teacher: str) -> tuple[str, ModelCard]:
+        """The teacher's absolute folder and card (the one read of it for this job), if it is a model
+        folder inside one of the model roots."""
         path = resolve_path(teacher).resolve()
         if not any(path.is_relative_to(root) for root in self.settings.model_roots):
             roots = ", ".join(str(r) for r in self.settings.model_roots)
             raise InvalidField("teacher", f"teachers are read only from below the model roots ({roots})")
         try:
-            read_card(path)
+            return str(path), read_card(path)
         except (CheckpointError, FileNotFoundError, ValueError) as exc:
             raise InvalidField("teacher", f"not a model folder: {exc}") from exc
-        return str(path)
 
-    def create(self, request: JobRequest) -> JobCreated:
+    def plan(self, request: BaseModel, job_id: str) -> JobPlan:
+        """The engine's spec and plan of a request: every check that needs the teacher, once."""
+        teacher_dir, card = self.read_teacher(request.teacher)  # type: ignore[attr-defined]
+        data = request.model_dump(exclude={"out"})
+        data.update(teacher=teacher_dir, out=str(self.settings.runs_dir / job_id))
+        try:
+            return make_plan(DistillSpec.model_validate(data), card, teacher_dir)
+        except PlanError as exc:
+            raise InvalidField(exc.field, exc.message) from exc
+
+    def create(self, request: BaseModel) -> JobCreated:
         job_id = uuid.uuid4().hex[:12]
-        data = request.model_dump()
-        data.update(teacher=self.check_teacher(request.teacher), engine="ray")
-        data["out"] = str(self.settings.runs_dir / job_id)
-        try:  # checks that depend on the engine the service picks (ray)
-            spec = DistillSpec.model_validate(data)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            field = ".".join(str(p) for p in err["loc"])
-            if not field:  # a cross-field check: it names its first field in its message
-                field = "optim.batch_size" if "optim.batch_size" in err["msg"] else "method"
-            raise InvalidField(field, err["msg"]) from exc
-        try:  # what only the teacher can tell, e.g. O2MKD boundaries beyond its T
-            student_card(spec, read_card(spec.teacher))
-        except ValueError as exc:
-            raise InvalidField("o2mkd.boundaries", str(exc)) from exc
+        plan = self.plan(request, job_id)
+        spec = plan.spec
         store = self.store(job_id)
-        store.create(spec.model_dump(), state="PENDING", out=spec.out, total_steps=spec.steps, error="")
+        # The engine takes the plan from the record: it does not read the teacher's card again.
+        fields = {"out": spec.out, "total_steps": spec.steps, "error": "", "plan": plan.model_dump_json()}
+        store.create(spec.model_dump(), state="PENDING", **fields)
         try:
             self.launcher.submit(job_id)
         except Exception as exc:

@@ -14,10 +14,11 @@ import logging
 import os
 import sys
 
-import yaml
 from pydantic import ValidationError
 
-from dkdm_core.spec import DistillSpec, load_yaml, set_dotted
+from dkdm_core.plan import JobPlan
+from dkdm_core.spec import DistillSpec, load_yaml
+from services.cli import apply_sets
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,38 +30,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_spec(args: argparse.Namespace) -> DistillSpec:
+def load_job(args: argparse.Namespace) -> tuple[DistillSpec, JobPlan | None]:
+    """The job's spec, and its plan when the control plane stored one for exactly this spec."""
+    record: dict[str, str] = {}
     if args.spec:
         data = load_yaml(args.spec)
     elif args.job_id:
-        from services.engine.store import JobStore
+        from services.jobs.store import JobStore
 
         url = os.environ.get("DKDM_REDIS_URL")
         if not url:
             raise ValueError("--job-id without --spec reads the job from Redis: set DKDM_REDIS_URL")
-        data = JobStore(url, args.job_id).spec()
+        store = JobStore(url, args.job_id)
+        data, record = store.spec(), store.record()
     else:
         raise ValueError("give --spec FILE or --job-id ID")
-    for item in args.set or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        set_dotted(data, key, yaml.safe_load(raw))
+    data = apply_sets(data, args.set)
     data["engine"] = "ray"
-    return DistillSpec.model_validate(data)
+    spec = DistillSpec.model_validate(data)
+    plan = JobPlan.model_validate_json(record["plan"]) if "plan" in record else None
+    return spec, plan if plan is not None and plan.spec == spec else None
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     try:
-        spec = load_spec(args)
+        spec, plan = load_job(args)
     except (ValueError, KeyError, FileNotFoundError, ValidationError) as exc:
         print(f"services.engine: error: {exc}", file=sys.stderr)
         return 2
     from services.engine import distill_ray
 
-    result = distill_ray(spec, job_id=args.job_id, progress=not args.quiet)
+    result = distill_ray(spec, job_id=args.job_id, progress=not args.quiet, plan=plan)
     shown = {k: round(v, 4) for k, v in result.metrics.items() if k in ("digits_fd", "digits_is", "train_seconds")}
     print(f"distillation finished: {result.steps} steps in {result.out} {shown}")
     return 0

@@ -1,6 +1,6 @@
 """BatchQueue: the bounded hand-off of knowledge batches from teacher replicas to one student rank.
 
-Plain, thread-safe class; the actor wrapper runs its methods in a thread pool so blocking ``put``
+Plain, thread-safe class; placed as an actor with a thread pool (``max_concurrency``) so blocking ``put``
 and ``get`` calls from many replicas and one rank wait side by side. The bound is what keeps
 teachers from running arbitrarily far ahead of the student (memory and staleness).
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 
 class BatchQueue:
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, *, maxsize: int) -> None:
         if maxsize < 1:
             raise ValueError("queue size must be at least 1")
         self.maxsize = maxsize

@@ -5,7 +5,8 @@
           └──── one-step-denoised samples ────┘                      Ray Train student ranks (m)
 
 Shards are initialised by the replicas (shuffle denoise, shard k on replica k mod n, in parallel)
-or restored from the newest student checkpoint's pool snapshot. While the student trains, a
+or restored from the pool snapshot of the checkpoint the student resumes from: the driver decides
+that once, before the pool is touched, and hands it to Ray Train's ranks too. While the student trains, a
 supervisor thread replaces dead replicas, applies scaling requests (``teacher_replicas`` in the
 job's control hash), and publishes shard histograms and lease bookkeeping to Redis.
 """
@@ -29,18 +30,17 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from tqdm import tqdm
 
-from dkdm_core.checkpoint import TRAIN_STATE_FILE, ModelCard, load_model, load_train_state, read_card, save_model
-from dkdm_core.models import count_parameters
-from dkdm_core.objective import resolve_objective
-from dkdm_core.pool import pool_size
+from dkdm_core.checkpoint import TRAIN_STATE_FILE, load_model, load_train_state, read_card, save_model
+from dkdm_core.plan import JobPlan, make_plan
 from dkdm_core.spec import DistillSpec
-from dkdm_core.students import student_card as make_student_card
-from services.engine.actors import BatchQueueActor, PoolShardActor, TeacherReplicaActor
-from services.engine.shard import shard_sizes
-from services.engine.store import JobStore, ModelRegistry
+from services.engine.batch_queue import BatchQueue
+from services.engine.replica import TeacherReplica
+from services.engine.shard import PoolShard
 from services.engine.student import train_loop_per_worker
 from services.evaluation import resolve_path
-from services.runner import RunResult, check_resumable, evaluate_model
+from services.jobs.keys import JobState
+from services.jobs.store import JobStore, ModelRegistry
+from services.runner import ResumePoint, RunResult, decide_resume, evaluate_model
 
 log = logging.getLogger(__name__)
 
@@ -58,45 +58,10 @@ def actor_name(job_id: str, role: str, index: int) -> str:
     return f"dkdm-{job_id}-{role}-{index}"
 
 
-@dataclass
-class Plan:
-    """The job's layout, derived from its spec and its teacher."""
-
-    teacher_dir: str
-    teacher_card: ModelCard
-    student_card: ModelCard
-    chain_length: int
-    shard_sizes: list[int]
-    rank_batch: int
-
-    @classmethod
-    def make(cls, spec: DistillSpec) -> Plan:
-        teacher_dir = resolve_path(spec.teacher)
-        card = read_card(teacher_dir)
-        objective = resolve_objective(spec.objective, card.learn_sigma)
-        steps = spec.pool.chain_steps
-        if steps is not None and steps > card.diffusion.num_timesteps:
-            raise ValueError(f"pool.chain_steps={steps} exceeds the teacher's T={card.diffusion.num_timesteps}")
-        chain_length = steps or card.diffusion.num_timesteps
-        rank_batch = spec.optim.batch_size // spec.ray.students
-        total = pool_size(spec.pool.strategy, spec.optim.batch_size, chain_length, spec.pool.rho)
-        sizes = shard_sizes(total, spec.ray.shards)
-        if min(sizes) < rank_batch:
-            raise ValueError(
-                f"ray.shards={spec.ray.shards} splits the pool of {total} into shards smaller than one "
-                f"rank's batch ({rank_batch}); use fewer shards"
-            )
-        student_card = make_student_card(spec, card)
-        student_card.info = {
-            "kind": "student",
-            "method": spec.method,
-            "engine": "ray",
-            "teacher": str(spec.teacher),
-            "chain_steps": chain_length,
-            "pool_size": total,
-            "objective": objective,
-        }
-        return cls(str(teacher_dir), card, student_card, chain_length, sizes, rank_batch)
+def plan_ray_job(spec: DistillSpec) -> JobPlan:
+    """The job's plan, reading the teacher's card: the one read of it on the Ray path."""
+    teacher_dir = resolve_path(spec.teacher).resolve()
+    return make_plan(spec, read_card(teacher_dir), str(teacher_dir))
 
 
 def ray_checkpoints(storage: Path) -> list[Path]:
@@ -121,12 +86,12 @@ class ReplicaSlot:
 class Engine:
     """One run of one job on the connected Ray cluster."""
 
-    spec: DistillSpec
+    plan: JobPlan
     job_id: str
     store: JobStore
-    plan: Plan
     out: Path
     attempt: int = 1
+    checkpoints_before: list[str] = field(default_factory=list)  # Ray Train's, when this run started
     shards: list[Any] = field(default_factory=list)
     queues: list[Any] = field(default_factory=list)
     replicas: list[ReplicaSlot] = field(default_factory=list)
@@ -135,55 +100,58 @@ class Engine:
     stopping: threading.Event = field(default_factory=threading.Event)
     expired_seen: dict[int, int] = field(default_factory=dict)
 
+    @property
+    def spec(self) -> DistillSpec:
+        return self.plan.spec
+
     # Actors ---------------------------------------------------------------------------------------
 
     def start_shards(self) -> None:
-        pool, ray_spec = self.spec.pool, self.spec.ray
+        plan = self.plan.model_dump()  # actors take the plan in its serialised form
         self.shards = [
-            PoolShardActor.options(name=actor_name(self.job_id, "shard", k), namespace=NAMESPACE).remote(
-                k,
-                pool.strategy,
-                size,
-                self.plan.teacher_card.sample_shape,
-                self.plan.chain_length,
-                self.spec.seed,
-                ray_spec.lease_timeout_s,
-            )
-            for k, size in enumerate(self.plan.shard_sizes)
+            ray.remote(PoolShard)
+            .options(name=actor_name(self.job_id, "shard", k), namespace=NAMESPACE, num_cpus=0)
+            .remote(plan=plan, index=k)
+            for k in range(len(self.plan.shard_sizes))
         ]
+        # Threaded, so blocked puts from replicas and a blocked get from the rank wait side by side.
         self.queues = [
-            BatchQueueActor.options(name=actor_name(self.job_id, "queue", r), namespace=NAMESPACE).remote(
-                ray_spec.queue_size
-            )
-            for r in range(ray_spec.students)
+            ray.remote(BatchQueue)
+            .options(name=actor_name(self.job_id, "queue", r), namespace=NAMESPACE, num_cpus=0, max_concurrency=64)
+            .remote(maxsize=self.spec.ray.queue_size)
+            for r in range(self.spec.ray.students)
         ]
 
     def add_replica(self, generation: int) -> ReplicaSlot:
         r = self.spec.ray
         index = self.next_index
         self.next_index += 1
-        handle = TeacherReplicaActor.options(
-            name=actor_name(self.job_id, "teacher", index),
-            namespace=NAMESPACE,
-            num_cpus=r.teacher_cpus,
-            num_gpus=r.teacher_gpus,
-        ).remote(
-            self.plan.teacher_dir,
-            self.spec.pool.chain_steps,
-            self.spec.seed,
-            index,
-            generation,
-            "cuda" if r.teacher_gpus > 0 else "cpu",
-            max(1, int(r.teacher_cpus)),
-            self.store.url,
-            self.job_id,
+        # Threaded (max_concurrency) so ``stop`` is answered while ``run`` loops.
+        handle = (
+            ray.remote(TeacherReplica)
+            .options(
+                name=actor_name(self.job_id, "teacher", index),
+                namespace=NAMESPACE,
+                num_cpus=r.teacher_cpus,
+                num_gpus=r.teacher_gpus,
+                max_concurrency=4,
+            )
+            .remote(
+                plan=self.plan.model_dump(),
+                index=index,
+                generation=generation,
+                device="cuda" if r.teacher_gpus > 0 else "cpu",
+                threads=max(1, int(r.teacher_cpus)),
+                redis_url=self.store.url,
+                job_id=self.job_id,
+            )
         )
         slot = ReplicaSlot(index, generation, handle)
         self.replicas.append(slot)
         return slot
 
     def start_loop(self, slot: ReplicaSlot) -> None:
-        slot.run_ref = slot.handle.run.remote(self.shards, self.queues, self.plan.rank_batch, self.attempt)
+        slot.run_ref = slot.handle.run.remote(self.shards, self.queues, self.attempt)
 
     # The pool -------------------------------------------------------------------------------------
 
@@ -191,25 +159,36 @@ class Engine:
         """Shuffle denoise every shard on the replicas, shard k on replica k mod n, in parallel."""
         start = time.perf_counter()
         loads = []
-        for k, size in enumerate(self.plan.shard_sizes):
-            replica = self.replicas[k % len(self.replicas)].handle
-            pool = self.spec.pool
-            state_ref = replica.init_shard.remote(
-                k, pool.strategy, size, self.spec.teacher_batch_size, pool.init, pool.per_trajectory
-            )
+        for k in range(len(self.shards)):
+            state_ref = self.replicas[k % len(self.replicas)].handle.init_shard.remote(k)
             loads.append(self.shards[k].load_state_dict.remote(state_ref))  # by reference: never via the driver
         ray.get(loads)
         return time.perf_counter() - start
 
-    def restore_pool(self, checkpoint: Path) -> None:
-        states = load_train_state(checkpoint)["pool_shards"]
+    def restore_pool(self, resume: ResumePoint) -> None:
+        """The pool snapshot of the checkpoint the student resumes from too."""
+        states = resume.state["pool_shards"]
         if len(states) != len(self.shards):
             raise ValueError(
                 f"the checkpoint holds {len(states)} pool shards but ray.shards={len(self.shards)}; "
                 "resume with the same number of shards"
             )
         ray.get([self.shards[k].load_state_dict.remote(states[k]) for k in range(len(self.shards))])
-        log.info("pool restored from %s", checkpoint)
+        log.info("pool restored from %s", resume.path)
+
+    def place(self, resume: ResumePoint | None) -> dict[str, float]:
+        """Shards, queues and replicas on the cluster; the pool initialised or restored; loops started."""
+        self.start_shards()
+        for _ in range(self.spec.ray.teacher_replicas):
+            self.add_replica(generation=self.attempt - 1)
+        stats = {"pool_size": float(self.plan.pool_size), "chain_steps": float(self.plan.chain_length)}
+        if resume is not None:
+            self.restore_pool(resume)
+        else:
+            stats["pool_init_seconds"] = self.init_pool()
+        for slot in self.replicas:
+            self.start_loop(slot)
+        return stats
 
     # Supervision ----------------------------------------------------------------------------------
 
@@ -291,12 +270,13 @@ class Engine:
 
     # Training -------------------------------------------------------------------------------------
 
-    def trainer(self, storage: Path) -> TorchTrainer:
+    def trainer(self, resume: ResumePoint | None) -> TorchTrainer:
         r = self.spec.ray
         resources = {"CPU": r.student_cpus, **({"GPU": r.student_gpus} if r.student_gpus else {})}
         config = {
-            "spec": self.spec.model_dump(),
-            "card": self.plan.student_card.model_dump(),
+            "plan": self.plan.model_dump(),
+            "resume_from": str(resume.path) if resume is not None else None,
+            "checkpoints_before": self.checkpoints_before,
             "redis_url": self.store.url,
             "job_id": self.job_id,
             "shards": self.shards,
@@ -312,7 +292,7 @@ class Engine:
             ),
             run_config=RunConfig(
                 name=TRAIN_RUN_NAME,
-                storage_path=str(storage),
+                storage_path=str(self.out / "ray_train"),
                 failure_config=FailureConfig(max_failures=r.max_student_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=3),
             ),
@@ -336,69 +316,87 @@ def check_resources(spec: DistillSpec) -> None:
             )
 
 
-def run_job(spec: DistillSpec, job_id: str, redis_url: str, progress: bool = True) -> RunResult:
-    """Run (or resume) job ``job_id`` on the connected Ray cluster; its metadata goes to ``redis_url``."""
-    out = Path(spec.out).resolve()
-    storage = out / "ray_train"
-    previous = ray_checkpoints(storage)
-    check_resumable(out, spec.model_dump(), has_checkpoints=bool(previous))
-    check_resources(spec)
-    plan = Plan.make(spec)
-    store = JobStore(redis_url, job_id)
+def transition(store: JobStore, state: JobState, **fields: Any) -> None:
+    """Every state change of a run goes through here."""
+    log.info("job %s: %s", store.job_id, state)
+    store.set_state(state, **fields)
+
+
+def admit(store: JobStore, spec: DistillSpec, out: Path) -> int | None:
+    """Record the job (PENDING) and start its attempt (RUNNING); None if it was cancelled before it started."""
     store.create(spec.model_dump(), state="PENDING", out=str(out), total_steps=spec.steps)
-    if store.cancel_requested():  # cancelled before it started: nothing to run, nothing to lose
-        store.set_state("CANCELLED", error="")
-        return RunResult(out=out, steps=0)
+    if store.cancel_requested():  # nothing to run, nothing to lose
+        transition(store, "CANCELLED", error="")
+        return None
     attempt = store.next_attempt()
-    store.set_state("RUNNING", out=str(out), total_steps=spec.steps, error="")
+    transition(store, "RUNNING", out=str(out), total_steps=spec.steps, error="")
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
-    engine = Engine(spec, job_id, store, plan, out, attempt)
-    stats: dict[str, float] = {"pool_size": float(sum(plan.shard_sizes)), "chain_steps": float(plan.chain_length)}
+    return attempt
+
+
+def train(engine: Engine, resume: ResumePoint | None, progress: bool) -> tuple[torch.nn.Module, int, float]:
+    """Ray Train's student ranks, with the supervisor alongside; the final EMA student and its step."""
+    bar = tqdm(total=engine.spec.steps, disable=not progress, desc="train", dynamic_ncols=True)
+    supervisor = threading.Thread(target=engine.supervise, args=(bar,), daemon=True, name="dkdm-supervisor")
+    supervisor.start()
+    started = time.perf_counter()
     try:
-        engine.start_shards()
-        for _ in range(spec.ray.teacher_replicas):
-            engine.add_replica(generation=attempt - 1)
-        if previous:
-            engine.restore_pool(previous[-1])
-        else:
-            stats["pool_init_seconds"] = engine.init_pool()
-        for slot in engine.replicas:
-            engine.start_loop(slot)
-        bar = tqdm(total=spec.steps, disable=not progress, desc="train", dynamic_ncols=True)
-        supervisor = threading.Thread(target=engine.supervise, args=(bar,), daemon=True, name="dkdm-supervisor")
-        supervisor.start()
-        started = time.perf_counter()
-        try:
-            result = engine.trainer(storage).fit()
-        finally:
-            engine.stop_replicas()
-            supervisor.join()
-            bar.close()
-        engine.publish_shards()  # the final pool bookkeeping, with every replica stopped
-        stats["train_seconds"] = time.perf_counter() - started
-        if result.checkpoint is None:
-            raise RuntimeError("the student finished without a checkpoint")
-        with result.checkpoint.as_directory() as directory:
-            model, _ = load_model(directory)
-            steps = int(load_train_state(directory)["steps_done"])
+        result = engine.trainer(resume).fit()
+    finally:
+        engine.stop_replicas()
+        supervisor.join()
+        bar.close()
+    engine.publish_shards()  # the final pool bookkeeping, with every replica stopped
+    seconds = time.perf_counter() - started
+    if result.checkpoint is None:
+        raise RuntimeError("the student finished without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        model, _ = load_model(directory)
+        steps = int(load_train_state(directory)["steps_done"])
+    return model, steps, seconds
+
+
+def run_job(
+    spec: DistillSpec, job_id: str, redis_url: str, progress: bool = True, plan: JobPlan | None = None
+) -> RunResult:
+    """Run (or resume) job ``job_id`` on the connected Ray cluster; its metadata goes to ``redis_url``.
+
+    ``plan``: the job's plan when the caller made it already (the control plane stores it with the job).
+    """
+    out = Path(spec.out).resolve()
+    # 1. Everything that can refuse the job, before anything is written or placed.
+    check_resources(spec)
+    plan = plan if plan is not None else plan_ray_job(spec)
+    before = ray_checkpoints(out / "ray_train")
+    resume = decide_resume(out, spec.model_dump(), before)
+    # 2. The record and the attempt.
+    store = JobStore(redis_url, job_id)
+    attempt = admit(store, spec, out)
+    if attempt is None:
+        return RunResult(out=out, steps=0)
+    # 3. Placement and training; any failure is the job's.
+    engine = Engine(plan, job_id, store, out, attempt, checkpoints_before=[p.name for p in before])
+    try:
+        stats = engine.place(resume)
+        model, steps, stats["train_seconds"] = train(engine, resume, progress)
     except BaseException as exc:
-        store.set_state("FAILED", error=f"{type(exc).__name__}: {exc}")
+        transition(store, "FAILED", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
         engine.kill_all()
+    # 4. The student: evaluated, saved, registered.
     cancelled = store.cancel_requested()
-    metrics = finish(spec, plan, out, model, steps, stats, store)
+    metrics = finish(plan, out, model, steps, stats, store)
     ModelRegistry(store.r).register(
         f"job-{job_id}", str(out), job_id=job_id, arch=spec.student.arch, steps=steps, method=spec.method
     )
-    store.set_state("CANCELLED" if cancelled else "SUCCEEDED", step=steps)
-    return RunResult(out=out, steps=steps, metrics=metrics, resumed_from=0)
+    transition(store, "CANCELLED" if cancelled else "SUCCEEDED", step=steps)
+    return RunResult(out=out, steps=steps, metrics=metrics, resumed_from=resume.step if resume else 0)
 
 
 def finish(
-    spec: DistillSpec,
-    plan: Plan,
+    plan: JobPlan,
     out: Path,
     model: torch.nn.Module,
     steps: int,
@@ -406,8 +404,7 @@ def finish(
     store: JobStore,
 ) -> dict[str, float]:
     """Save the final EMA student to OUT, evaluate it, write OUT/metrics.json."""
-    card = plan.student_card
-    card.info["parameters"] = count_parameters(model)
+    spec, card = plan.spec, plan.student_card.model_copy(deep=True)
     metrics, _ = evaluate_model(model, card, spec.run, spec.run.eval_samples, spec.seed)
     counters = store.counters()
     metrics.update(stats)

@@ -2,36 +2,43 @@
 
 lease a random subset from a shard → one no-grad teacher call → return the one-step-denoised
 samples to the shard → hand the knowledge batch to a student rank's bounded queue. The loop talks
-to shards and queues through two small protocols, so unit tests drive it with plain ``PoolShard``
-and ``BatchQueue`` objects and the actor drives it with proxies to remote ones.
+to shards and queues through plain calls, so unit tests drive it with ``PoolShard`` and
+``BatchQueue`` objects in this process and a replica actor with blocking calls to the actors.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
+import ray
 import torch
 
 from dkdm_core.pool import Lease
 from dkdm_core.training import KnowledgeBatch
-from services.engine.keys import lease_field
-from services.engine.replica import TeacherReplica
-from services.engine.store import JobStore
+from services.jobs.keys import lease_field
+from services.jobs.store import JobStore
+
+if TYPE_CHECKING:
+    from services.engine.batch_queue import BatchQueue
+    from services.engine.replica import TeacherReplica
+    from services.engine.shard import PoolShard
 
 HEARTBEAT_EVERY_S = 2.0
 IDLE_SLEEP_S = 0.005  # back-off while every shard's samples are leased out
 
 
-class Shard(Protocol):
-    def take(self, batch_size: int) -> Lease | None: ...
-    def put(self, lease_id: int, x_prev: torch.Tensor) -> bool: ...
+Take = Callable[[int], Lease | None]  # a shard's take(batch_size)
+Put = Callable[[int, torch.Tensor], bool]  # a shard's put(lease_id, x_prev)
+Offer = Callable[[Any, float], bool]  # a queue's put(item, timeout)
 
 
-class Queue(Protocol):
-    def put(self, item: Any, timeout: float) -> bool: ...
+def blocking(method: Any) -> Callable[..., Any]:
+    """An actor method as a plain blocking call: ``blocking(handle.take)(b)`` is ``ray.get(handle.take.remote(b))``."""
+    return lambda *args: ray.get(method.remote(*args))
 
 
 @dataclass(frozen=True)
@@ -43,48 +50,61 @@ class Knowledge:
 
 
 class ReplicaLoop:
+    """A replica's work over shards and queues reached through plain calls: the shards' and queues'
+    own methods in unit tests, ``blocking`` actor calls on Ray."""
+
     def __init__(
         self,
+        *,
         replica: TeacherReplica,
-        shards: list[Shard],
-        queues: list[Queue],
+        takes: list[Take],
+        puts: list[Put],
+        offers: list[Offer],
         batch_size: int,
         attempt: int,
         store: JobStore | None = None,
-        name: str = "teacher-0",
         stop_event: threading.Event | None = None,
     ) -> None:
         self.replica = replica
-        self.shards = shards
-        self.queues = queues
+        self.takes, self.puts, self.offers = takes, puts, offers
         self.batch_size = batch_size
         self.attempt = attempt
         self.store = store
-        self.name = name
+        self.name = replica.name
         self.stop_event = stop_event or threading.Event()
         # Replica i starts at shard i and queue i so replicas spread over both from the first step.
-        self.next_shard = replica.index % len(shards)
-        self.next_queue = replica.index % len(queues)
+        self.next_shard = replica.index % len(takes)
+        self.next_queue = replica.index % len(offers)
         self.delivered = 0
         self.undelivered = 0
         self.stale = 0
         self._last_beat = 0.0
 
+    @classmethod
+    def local(
+        cls, replica: TeacherReplica, shards: list[PoolShard], queues: list[BatchQueue], batch_size: int, attempt: int
+    ) -> ReplicaLoop:
+        """The loop over plain shards and queues in this process (unit tests)."""
+        takes, puts = [s.take for s in shards], [s.put for s in shards]
+        offers = [q.put for q in queues]
+        return cls(replica=replica, takes=takes, puts=puts, offers=offers, batch_size=batch_size, attempt=attempt)
+
     def lease(self) -> tuple[int, Lease] | None:
-        for offset in range(len(self.shards)):
-            k = (self.next_shard + offset) % len(self.shards)
-            lease = self.shards[k].take(self.batch_size)
+        n = len(self.takes)
+        for offset in range(n):
+            k = (self.next_shard + offset) % n
+            lease = self.takes[k](self.batch_size)
             if lease is not None:
-                self.next_shard = (k + 1) % len(self.shards)
+                self.next_shard = (k + 1) % n
                 return k, lease
         return None
 
     def deliver(self, item: Knowledge) -> bool:
         """Put ``item`` into the next rank's queue, waiting for room until the loop is stopped."""
-        queue = self.queues[self.next_queue]
+        offer = self.offers[self.next_queue]
         while not self.stop_event.is_set():
-            if queue.put(item, timeout=0.5):
-                self.next_queue = (self.next_queue + 1) % len(self.queues)
+            if offer(item, 0.5):
+                self.next_queue = (self.next_queue + 1) % len(self.offers)
                 return True
         return False
 
@@ -100,7 +120,7 @@ class ReplicaLoop:
             self.store.open_lease(k, lease.lease_id, self.name)
         batch = self.replica.teach(lease)
         t2 = time.perf_counter()
-        accepted = self.shards[k].put(lease.lease_id, batch.x_prev)
+        accepted = self.puts[k](lease.lease_id, batch.x_prev)
         t3 = time.perf_counter()
         b = lease.ids.numel()
         if self.store is not None:  # the lease is closed in the shard: close it in the table too

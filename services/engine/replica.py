@@ -1,83 +1,100 @@
-"""TeacherReplica: a loaded teacher that initialises pool shards and takes one-step teacher calls.
+"""TeacherReplica: a loaded teacher that initialises pool shards and then advances the pool.
 
-Plain class; ``actors.TeacherReplicaActor`` wraps it with the loop that leases from shards and
-feeds student queues. Randomness is explicit: replica i of generation g draws its ancestral-step
-noise from its own generator, so replica 0 of a fresh job reproduces the local engine's teacher.
+One plain class: the driver places it as a Ray actor (threaded, so ``stop`` is answered while
+``run`` loops); unit tests drive ``init_shard`` and ``teach`` directly. The teacher step itself is
+``dkdm_core.training.Teacher``, the same object the local engine's ``Distiller`` steps through, and
+the noise seed comes from the plan, so replica 0 of a fresh job reproduces the local engine.
 """
 
 from __future__ import annotations
 
+import threading
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
-from dkdm_core.checkpoint import load_model
-from dkdm_core.pool import Lease, NoisePool, PoolInit, Strategy
-from dkdm_core.training import KnowledgeBatch, teacher_step
-from services.engine.shard import shard_seed
+from dkdm_core.checkpoint import WEIGHTS_FILE, build_from_card, load_weights
+from dkdm_core.plan import JobPlan
+from dkdm_core.pool import Lease, NoisePool
+from dkdm_core.runtime import CPU_FP32
+from dkdm_core.training import KnowledgeBatch, Teacher
+from services.engine.loop import ReplicaLoop, blocking
+from services.jobs.store import JobStore
 
 
-def replica_seed(seed: int, index: int, generation: int) -> int:
-    """Replica ``index``'s noise seed; replica 0 of generation 0 matches the local engine (seed + 1)."""
-    return seed + 1 + index * 7_919 + generation * 104_729
+def load_teacher(plan: JobPlan, device: torch.device) -> torch.nn.Module:
+    """The teacher's weights in the network the plan's card describes: the card is not read again."""
+    model = build_from_card(plan.teacher_card)
+    weights = Path(plan.teacher_dir) / WEIGHTS_FILE
+    load_weights(model, load_file(str(weights)), str(weights))
+    return model.to(device)
 
 
 class TeacherReplica:
     def __init__(
         self,
-        teacher_dir: str,
-        chain_steps: int | None,
-        seed: int,
+        *,
+        plan: JobPlan | dict[str, Any],
         index: int,
         generation: int = 0,
         device: str = "cpu",
         threads: int = 0,
+        redis_url: str | None = None,
+        job_id: str | None = None,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
-        self.device = torch.device(device)
-        self.teacher, self.card = load_model(teacher_dir, self.device)
-        self.teacher.eval().requires_grad_(False)
-        diff = self.card.diffusion
-        self.chain = diff.build(self.card.learn_sigma, respacing=chain_steps)
-        self.seed = seed
+        self.plan = JobPlan.model_validate(plan)
         self.index = index
-        self.generator = torch.Generator().manual_seed(replica_seed(seed, index, generation))
-        self.evaluations = 0
+        self.name = f"teacher-{index}"
+        # fp32 and a CPU generator, as the local engine on the CPU: replica 0 reproduces its noise.
+        runtime = replace(CPU_FP32, device=torch.device(device))
+        rng = torch.Generator().manual_seed(self.plan.teacher_seed(index, generation))
+        self.teacher = Teacher(load_teacher(self.plan, runtime.device), self.plan.build_chain(), rng, runtime)
+        self.store = JobStore(redis_url, job_id) if redis_url and job_id else None
+        self.stop_event = threading.Event()
 
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The pool's DenoiseFn for shuffle denoise: one teacher step, back on the CPU."""
-        self.evaluations += x_t.shape[0]
-        return teacher_step(self.teacher, self.chain, x_t, t, self.generator, self.device).x_prev.cpu()
+    @property
+    def evaluations(self) -> int:
+        return self.teacher.evaluations
 
-    def init_shard(
-        self,
-        index: int,
-        strategy: Strategy,
-        size: int,
-        teacher_batch_size: int,
-        method: PoolInit = "shuffle",
-        per_trajectory: int = 8,
-    ) -> tuple[dict[str, Any], int]:
+    def init_shard(self, index: int) -> dict[str, Any]:
         """Build shard ``index``'s pool here, next to the teacher (shuffle denoise or trajectory taps).
 
-        Returns the pool's state (what ``PoolShard.load_state_dict`` takes) and the teacher
-        evaluations spent. The pool draws from the shard's generator, exactly as the shard would.
+        Returns the pool's state (what ``PoolShard.load_state_dict`` takes). The pool draws from the
+        shard's generator, exactly as the shard would.
         """
-        pool = NoisePool(
-            strategy,
-            size,
-            self.card.sample_shape,
-            self.chain.num_timesteps,
-            torch.Generator().manual_seed(shard_seed(self.seed, index)),
-        )
-        spent = pool.initialise(self.denoise, teacher_batch_size, method, per_trajectory)
-        return {"pool": pool.state_dict(), "advanced": 0}, spent
+        spec, plan = self.plan.spec, self.plan
+        rng = torch.Generator().manual_seed(plan.pool_seed(index))
+        pool = NoisePool(spec.pool.strategy, plan.shard_sizes[index], plan.sample_shape, plan.chain_length, rng)
+        spent = self.teacher.init_pool(pool, spec.teacher_batch_size, spec.pool.init, spec.pool.per_trajectory)
+        if self.store is not None:
+            self.store.add(pool_init_teacher_evaluations=spent)
+        return {"pool": pool.state_dict(), "advanced": 0}
 
     def teach(self, lease: Lease) -> KnowledgeBatch:
         """One no-grad teacher call on a lease; every tensor of the result is on the CPU."""
-        self.evaluations += lease.ids.numel()
-        batch = teacher_step(self.teacher, self.chain, lease.x_t, lease.t, self.generator, self.device)
+        batch = self.teacher.teach(lease)
         return KnowledgeBatch(
             x_t=batch.x_t.cpu(), t=batch.t.cpu(), teacher_output=batch.teacher_output.cpu(), x_prev=batch.x_prev.cpu()
         )
+
+    def run(self, shards: list[Any], queues: list[Any], attempt: int) -> dict[str, int]:
+        """Lease from the shard actors and feed the rank queues until ``stop``; returns what it did."""
+        loop = ReplicaLoop(
+            replica=self,
+            takes=[blocking(s.take) for s in shards],
+            puts=[blocking(s.put) for s in shards],
+            offers=[blocking(q.put) for q in queues],
+            batch_size=self.plan.rank_batch,
+            attempt=attempt,
+            store=self.store,
+            stop_event=self.stop_event,
+        )
+        return loop.run()
+
+    def stop(self) -> None:
+        self.stop_event.set()

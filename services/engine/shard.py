@@ -14,36 +14,21 @@ from typing import Any
 
 import torch
 
-from dkdm_core.pool import Lease, NoisePool, StaleLeaseError, Strategy
-
-
-def shard_sizes(total: int, shards: int) -> list[int]:
-    """Split ``total`` pool samples over ``shards`` as evenly as possible (first ones get the rest)."""
-    base, rest = divmod(total, shards)
-    return [base + (1 if k < rest else 0) for k in range(shards)]
-
-
-def shard_seed(seed: int, index: int) -> int:
-    """Shard k's generator seed; shard 0 uses the job seed, as the local engine's single pool does."""
-    return seed + index * 1_000_003
+from dkdm_core.plan import JobPlan
+from dkdm_core.pool import Lease, NoisePool, StaleLeaseError
 
 
 class PoolShard:
-    def __init__(
-        self,
-        index: int,
-        strategy: Strategy,
-        size: int,
-        sample_shape: tuple[int, ...],
-        chain_length: int,
-        seed: int,
-        lease_timeout_s: float,
-    ) -> None:
+    """Shard ``index`` of the plan's pool. A Ray actor where the driver places it (calls run one at
+    a time, so the shard needs no locks); a plain object in unit tests."""
+
+    def __init__(self, *, plan: JobPlan | dict[str, Any], index: int) -> None:
+        plan = JobPlan.model_validate(plan)
         self.index = index
-        self.lease_timeout_s = lease_timeout_s
-        self.pool = NoisePool(
-            strategy, size, sample_shape, chain_length, torch.Generator().manual_seed(shard_seed(seed, index))
-        )
+        self.lease_timeout_s = plan.spec.ray.lease_timeout_s
+        rng = torch.Generator().manual_seed(plan.pool_seed(index))
+        size = plan.shard_sizes[index]
+        self.pool = NoisePool(plan.spec.pool.strategy, size, plan.sample_shape, plan.chain_length, rng)
         self.advanced = 0  # samples replaced by a teacher step
         self.expired = 0  # leases released after their deadline
         self.stale = 0  # answers refused because their lease had expired

@@ -1,6 +1,6 @@
 """Student ranks on Ray Train: each consumes its own queue of knowledge batches and learns L*_DKDM.
 
-``StudentLoop`` is the plain loop object (step, save, restore) that unit tests drive with a local
+``StudentRank`` is the plain loop object (step, save, restore) that unit tests drive with a local
 queue; ``train_loop_per_worker`` is the short Ray Train function around it. Ranks split the global
 batch b into b/m per rank; with m > 1 the student is wrapped in DistributedDataParallel, whose
 all-reduce averages the per-rank gradients into the gradient of the mean over all b samples, so the
@@ -22,12 +22,12 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from dkdm_core.checkpoint import ModelCard, build_from_card, load_train_state, save_checkpoint, save_model
-from dkdm_core.objective import resolve_objective
-from dkdm_core.spec import DistillSpec
+from dkdm_core.checkpoint import load_train_state, save_checkpoint, save_model
+from dkdm_core.plan import JobPlan
+from dkdm_core.students import init_student
 from dkdm_core.training import Learner, StepLogs, read_logs
 from services.engine.loop import Knowledge
-from services.engine.store import JobStore
+from services.jobs.store import JobStore
 
 Fetch = Callable[[float], Knowledge | None]
 FETCH_SLICE_S = 1.0  # how long one wait on the queue lasts before control requests are checked
@@ -37,20 +37,26 @@ class JobAborted(RuntimeError):
     """The driver gave up on the job (e.g. no teacher replica left); ranks stop at once."""
 
 
-class StudentLoop:
+class StudentRank:
+    """One student rank: its Learner (the plan's student and chain), its queue and its bookkeeping."""
+
     def __init__(
         self,
-        learner: Learner,
-        card: ModelCard,
-        spec: DistillSpec,
+        *,
+        plan: JobPlan,
         fetch: Fetch,
+        device: torch.device,
         rank: int = 0,
         store: JobStore | None = None,
         shard_states: Callable[[], dict[int, Any]] | None = None,
         out: Path | None = None,
     ) -> None:
-        self.learner = learner
-        self.card = card
+        spec = plan.spec
+        # The student as the local engine builds it: same seed, same initial weights, same chain.
+        self.learner = Learner(
+            init_student(plan), plan.build_chain(), spec.optim, spec.vlb_weight, plan.objective, device
+        )
+        self.card = plan.student_card
         self.spec = spec
         self.fetch = fetch
         self.rank = rank
@@ -61,17 +67,6 @@ class StudentLoop:
         self.busy_seconds = 0.0
         self.started = time.perf_counter()
         self.last_logs: StepLogs = {}
-
-    @classmethod
-    def build(cls, spec: DistillSpec, card: ModelCard, device: torch.device, **kwargs: Any) -> StudentLoop:
-        """The student as the local engine builds it: same seed, same initial weights, same chain."""
-        torch.manual_seed(spec.seed)
-        student = build_from_card(card)  # one network, or an O2MKD router of several
-        diff = card.diffusion
-        chain = diff.build(card.learn_sigma, respacing=spec.pool.chain_steps)  # the student's (ε) chain
-        objective = resolve_objective(spec.objective, card.learn_sigma)  # the student learns Σ iff the teacher does
-        learner = Learner(student, chain, spec.optim, spec.vlb_weight, objective, device)
-        return cls(learner, card, spec, **kwargs)
 
     @property
     def steps_done(self) -> int:
@@ -137,8 +132,8 @@ class StudentLoop:
             save_model(self.out, self.learner.ema.model, self.card)
         return path
 
-    def restore(self, directory: Path) -> None:
-        self.learner.load_state_dict(load_train_state(directory))
+    def restore(self, state: dict[str, Any]) -> None:
+        self.learner.load_state_dict(state)
 
 
 def _any_rank(flag: bool) -> bool:
@@ -150,8 +145,8 @@ def _any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
-class RemoteFetch:
-    """Fetch from a BatchQueueActor, keeping one get in flight so the next batch arrives during a step."""
+class QueueFetch:
+    """Fetch from a BatchQueue actor, keeping one get in flight so the next batch arrives during a step."""
 
     def __init__(self, handle: Any, store: JobStore | None) -> None:
         self.handle = handle
@@ -175,7 +170,7 @@ class RemoteFetch:
         self.pending = None
 
 
-def _report(loop: StudentLoop, rank: int) -> None:
+def _report(loop: StudentRank, rank: int) -> None:
     metrics = {"step": loop.steps_done, **read_logs(loop.last_logs)}
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
@@ -185,34 +180,25 @@ def _report(loop: StudentLoop, rank: int) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One student rank: restore, then consume knowledge batches until the step budget is spent."""
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    spec = DistillSpec.model_validate(config["spec"])
-    card = ModelCard.model_validate(config["card"])
-    torch.set_num_threads(config["threads"])
-    store = JobStore(config["redis_url"], config["job_id"])
-    shards = config["shards"]
-    fetch = RemoteFetch(config["queues"][rank], store)
-    loop = StudentLoop.build(
-        spec,
-        card,
-        ray.train.torch.get_device(),
-        fetch=fetch,
-        rank=rank,
-        store=store,
-        shard_states=lambda: dict(enumerate(ray.get([s.state_dict.remote() for s in shards]))),
-        out=Path(config["out"]) if rank == 0 else None,
-    )
+def _restore(loop: StudentRank, config: dict[str, Any]) -> None:
+    """Continue from the driver's resume point, or from a checkpoint this run made since.
+
+    Ray Train hands back its newest registered checkpoint; one that existed before this run started
+    is ignored for the driver's choice (``resume_from``), which the pool was restored from too, so
+    student and pool always come from the same checkpoint. A newer one was saved during this run by
+    a worker group that then failed: the pool in the shards has moved on past it already.
+    """
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    if checkpoint is not None and Path(checkpoint.path).name not in config["checkpoints_before"]:
         with checkpoint.as_directory() as directory:
-            loop.restore(Path(directory))
-    if world > 1:
-        loop.learner.forward = torch.nn.parallel.DistributedDataParallel(loop.learner.model)
-    store.heartbeat(f"student-{rank}", step=loop.steps_done)
-    run = spec.run
+            loop.restore(load_train_state(directory))
+    elif config["resume_from"] is not None:
+        loop.restore(load_train_state(config["resume_from"]))
+
+
+def _train(loop: StudentRank, store: JobStore, rank: int) -> None:
+    """Consume knowledge batches until the step budget is spent or a cancel is requested."""
+    spec, run = loop.spec, loop.spec.run
     while loop.steps_done < spec.steps:
         logs = loop.step()
         step = loop.steps_done
@@ -226,4 +212,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _report(loop, rank)
         if stop:
             break
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One student rank: restore, then consume knowledge batches until the step budget is spent."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    store = JobStore(config["redis_url"], config["job_id"])
+    shards = config["shards"]
+    fetch = QueueFetch(config["queues"][rank], store)
+    loop = StudentRank(
+        plan=JobPlan.model_validate(config["plan"]),
+        fetch=fetch,
+        device=ray.train.torch.get_device(),
+        rank=rank,
+        store=store,
+        shard_states=lambda: dict(enumerate(ray.get([s.state_dict.remote() for s in shards]))),
+        out=Path(config["out"]) if rank == 0 else None,
+    )
+    _restore(loop, config)
+    if world > 1:
+        loop.learner.forward = torch.nn.parallel.DistributedDataParallel(loop.learner.model)
+    store.heartbeat(f"student-{rank}", step=loop.steps_done)
+    _train(loop, store, rank)
     fetch.drop_pending()

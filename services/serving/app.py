@@ -39,8 +39,8 @@ from dkdm_core.data import to_uint8_nhwc
 from dkdm_core.diffusion import Sampler
 from dkdm_core.sampling import draw, sampling_steps
 from services.auth import bearer, check_bearer
-from services.engine.store import ModelRegistry
 from services.images import grid_image
+from services.jobs.store import ModelRegistry
 from services.serving.settings import SamplingSettings
 
 MAX_NUM = 256  # samples per request: bounds the memory and time of one call

@@ -130,7 +130,7 @@ def test_schema_fuzz_finds_no_server_error(own_redis: str, tmp_path: Path) -> No
 
 
 def test_scaling_a_job_records_the_request_for_the_engine(api: str, own_redis: str) -> None:
-    from services.engine.store import JobStore
+    from services.jobs.store import JobStore
 
     store = JobStore(own_redis, "0123456789ab")
     store.create({"steps": 5}, state="RUNNING", total_steps=5)

@@ -19,7 +19,7 @@ import pytest
 import redis
 import requests
 
-from services.engine.store import ModelRegistry
+from services.jobs.store import ModelRegistry
 from tests.conftest import run_dkdm
 from tests.services.conftest import (
     BIN,

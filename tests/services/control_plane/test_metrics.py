@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from services.control_plane.metrics import EXPORTED, EngineCollector
 from services.engine.embedded import RedisServer
-from services.engine.store import JobStore
+from services.jobs.store import JobStore
 
 
 def test_collector_exports_every_declared_family_from_a_job_record() -> None:

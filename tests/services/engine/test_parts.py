@@ -10,15 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from dkdm_core.checkpoint import read_card
-from dkdm_core.pool import pool_size
-from services.engine import keys
+from dkdm_core.checkpoint import ModelCard, read_card
+from dkdm_core.plan import JobPlan, make_plan, pool_seed, shard_sizes, teacher_seed
+from dkdm_core.spec import DiffusionSpec, DistillSpec
 from services.engine.batch_queue import BatchQueue
 from services.engine.loop import ReplicaLoop
-from services.engine.replica import TeacherReplica, replica_seed
-from services.engine.shard import PoolShard, shard_seed, shard_sizes
-from services.engine.store import JobStore
-from services.engine.student import StudentLoop
+from services.engine.replica import TeacherReplica
+from services.engine.shard import PoolShard
+from services.engine.student import StudentRank
+from services.jobs import keys
+from services.jobs.store import JobStore
 from services.local_engine import build_distiller
 from tests.services.engine.conftest import engine_spec
 
@@ -26,17 +27,31 @@ from tests.services.engine.conftest import engine_spec
 def test_shard_sizes_cover_the_pool() -> None:
     assert shard_sizes(10, 3) == [4, 3, 3]
     assert sum(shard_sizes(2560, 7)) == 2560
-    assert shard_seed(5, 0) == 5 and replica_seed(5, 0, 0) == 6  # shard 0 / replica 0 = the local engine
+    assert pool_seed(5, 0) == 5 and teacher_seed(5, 0, 0) == 6  # shard 0 / replica 0 = the local engine
+
+
+def shard_plan(size: int, timeout: float = 60.0) -> JobPlan:
+    """A one-shard plan of ``size`` 1x2x2 samples on a 5-step chain (a dynamic pool of one batch)."""
+    teacher = ModelCard(arch="unet-tiny", channels=1, image_size=2, learn_sigma=True, diffusion=DiffusionSpec())
+    spec = DistillSpec.model_validate(
+        {
+            "pool": {"strategy": "dynamic", "rho": 0.01, "chain_steps": 5},
+            "optim": {"batch_size": size},
+            "engine": "ray",
+            "ray": {"lease_timeout_s": timeout},
+        }
+    )
+    return make_plan(spec, teacher)
 
 
 def make_shard(size: int = 8, timeout: float = 60.0) -> PoolShard:
-    shard = PoolShard(0, "dynamic", size, (1, 2, 2), chain_length=5, seed=0, lease_timeout_s=timeout)
+    shard = PoolShard(plan=shard_plan(size, timeout), index=0)
     shard.ready = True
     return shard
 
 
 def test_shard_refuses_until_ready_and_when_too_few_are_free() -> None:
-    shard = PoolShard(0, "dynamic", 8, (1, 2, 2), chain_length=5, seed=0, lease_timeout_s=60)
+    shard = PoolShard(plan=shard_plan(8), index=0)
     assert shard.take(4) is None  # not initialised yet
     shard.ready = True
     a, b = shard.take(4), shard.take(4)
@@ -61,7 +76,7 @@ def test_expired_lease_is_reissued_and_its_late_answer_refused() -> None:
 
 
 def test_batch_queue_is_bounded_and_wakes_waiters() -> None:
-    q = BatchQueue(2)
+    q = BatchQueue(maxsize=2)
     assert q.put(1, 0.01) and q.put(2, 0.01)
     assert not q.put(3, 0.01)  # full: the producer is told, nothing is lost
     assert q.get(0.01) == 1 and q.put(3, 0.01)
@@ -79,19 +94,18 @@ def test_replica_and_student_loops_reproduce_the_local_engine(tiny_teacher: Path
     """Teacher half and student half run as separate objects joined by a queue give the local
     engine's Algorithm 1 bit for bit: the same pool draws, teacher noise, batches and losses."""
     spec = engine_spec(tiny_teacher, tmp_path / "out")
-    distiller, _, _ = build_distiller(spec, torch.device("cpu"))
+    distiller, _ = build_distiller(spec, torch.device("cpu"))
     distiller.init_pool(spec.teacher_batch_size)
     expected = [distiller.step()["loss"] for _ in range(12)]
 
-    replica = TeacherReplica(str(tiny_teacher), spec.pool.chain_steps, spec.seed, index=0)
-    size = pool_size("dynamic", spec.optim.batch_size, 10, spec.pool.rho)
-    shard = PoolShard(0, "dynamic", size, (1, 8, 8), 10, spec.seed, lease_timeout_s=60)
-    state, spent = replica.init_shard(0, "dynamic", size, spec.teacher_batch_size)
-    shard.load_state_dict(state)
-    assert spent > 0
-    queue = BatchQueue(2)
-    loop = ReplicaLoop(replica, [shard], [queue], spec.optim.batch_size, attempt=1)
-    student = StudentLoop.build(spec, read_card(tiny_teacher), torch.device("cpu"), fetch=queue.get)
+    plan = make_plan(spec, read_card(tiny_teacher), str(tiny_teacher))
+    replica = TeacherReplica(plan=plan.model_dump(), index=0)  # as actors get it: serialised
+    shard = PoolShard(plan=plan.model_dump(), index=0)
+    shard.load_state_dict(replica.init_shard(0))
+    assert replica.evaluations > 0
+    queue = BatchQueue(maxsize=2)
+    loop = ReplicaLoop.local(replica, [shard], [queue], plan.rank_batch, attempt=1)
+    student = StudentRank(plan=plan, device=torch.device("cpu"), fetch=queue.get)
     got = []
     for _ in range(12):
         assert loop.step()

@@ -21,7 +21,7 @@ from dkdm_core.checkpoint import load_model, load_train_state
 from dkdm_core.pool import pool_size
 from dkdm_core.spec import DistillSpec
 from services.engine.driver import NAMESPACE, actor_name, ray_checkpoints, run_job
-from services.engine.store import JobStore
+from services.jobs.store import JobStore
 from services.local_engine import distill_local
 from services.runner import RunResult
 from tests.conftest import run_dkdm

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.engine.store import JobStore
+from services.jobs.store import JobStore
 from tests.services.conftest import BIN, ROOT, RayHead, cluster_env, ray_head
 from tests.services.engine.conftest import engine_spec
 

@@ -13,7 +13,7 @@ import redis
 import requests
 
 from dkdm_core.checkpoint import count_parameters
-from services.engine.store import ModelRegistry
+from services.jobs.store import ModelRegistry
 from tests.services.conftest import BIN, ROOT, cluster_env, free_port, ray_head, redis_server
 from tests.services.control_plane.conftest import TOKEN
 

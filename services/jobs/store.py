@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from services.engine import keys
+from services.jobs import keys
 
 _SOCKET_TIMEOUT_S = 10.0
 
