@@ -87,11 +87,16 @@ class NoisePool:
         self.leased = torch.zeros(size, dtype=torch.bool, device=device)  # (N,)
         self.leases: dict[int, _Outstanding] = {}
         self.next_lease_id = 0
-        # Trajectories that reached t = 0 and restarted; a device tensor on a GPU, read when logged.
-        self._finished: int | torch.Tensor = 0
         # None: sync-free exactly when the pool is on a GPU (on a CPU there is no device to wait for,
         # and the CPU path keeps today's random draws bit for bit).
         self._sync_free = sync_free
+        # Trajectories that reached t = 0 and restarted; sync-free: a device counter, read when logged.
+        self._finished: int | torch.Tensor = self._counter(0)
+
+    def _counter(self, value: int) -> int | torch.Tensor:
+        if self.sync_free:  # updated in place, so a recorded CUDA graph keeps counting on replay
+            return torch.tensor(value, dtype=torch.long, device=self.device)
+        return value
 
     @property
     def finished(self) -> int:
@@ -226,7 +231,8 @@ class NoisePool:
             fresh = torch.randn(x_prev.shape, generator=self.generator, device=self.device)
             self.x[ids] = torch.where(restart.view(-1, *([1] * len(self.sample_shape))), fresh, x_prev)
             self.t[ids] = torch.where(restart, torch.full_like(t_prev, self.chain_length - 1), t_prev)
-            self._finished = self._finished + restart.sum()
+            assert isinstance(self._finished, torch.Tensor)
+            self._finished.add_(restart.sum())
             return
         self.x[ids] = x_prev
         self.t[ids] -= 1
@@ -274,6 +280,6 @@ class NoisePool:
         self.t = state["t"].to(device, copy=True)
         self.leased = torch.zeros(self.x.shape[0], dtype=torch.bool, device=device)
         self.leases = {}
-        self._finished = int(state["finished"])
+        self._finished = self._counter(int(state["finished"]))
         self.next_lease_id = int(state["next_lease_id"])
         self.generator.set_state(state["generator"])

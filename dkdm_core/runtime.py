@@ -13,6 +13,9 @@ then follows the resolved :class:`Runtime`. Defaults:
 * **compile** ``auto``: off on the CPU (compilation costs more than a short CPU run gains); on a CUDA
   device ``cudagraphs``: ``torch.compile`` with CUDA graphs, since the shapes of a distillation step
   are static (b samples of one shape) and a small model's step is otherwise bound by kernel launches.
+  ``step`` goes further on the local engine: the networks compiled, and the *whole* step (lease,
+  teacher, pool return, loss, backward, optimiser, EMA) recorded once as one CUDA graph and replayed
+  (``dkdm_core.training.StepGraph``); elsewhere it is ``default``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from torch import nn
 
 Precision = Literal["fp32", "tf32", "bf16"]
-Compile = Literal["off", "default", "cudagraphs"]
+Compile = Literal["off", "default", "cudagraphs", "step"]
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -64,6 +67,11 @@ class Runtime:
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
+
+    @property
+    def graph_step(self) -> bool:
+        """Record whole training steps as CUDA graphs (``compile: step`` on a GPU)."""
+        return self.compile == "step" and self.cuda
 
     def apply_global(self) -> None:
         """Process-wide matmul settings: TF32 tensor cores for fp32 matmuls under tf32 and bf16."""
@@ -102,8 +110,8 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", compile: str 
         raise ValueError(f"precision {precision!r} is not one of auto, fp32, tf32, bf16")
     if compile == "auto":
         compile = "cudagraphs" if cuda else "off"
-    if compile not in ("off", "default", "cudagraphs"):
-        raise ValueError(f"compile {compile!r} is not one of auto, off, default, cudagraphs")
+    if compile not in ("off", "default", "cudagraphs", "step"):
+        raise ValueError(f"compile {compile!r} is not one of auto, off, default, cudagraphs, step")
     return Runtime(device=dev, precision=precision, compile=compile)  # type: ignore[arg-type]
 
 

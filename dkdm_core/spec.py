@@ -212,7 +212,8 @@ class RuntimeSpec(_Strict):
     # master weights; teacher held in bf16), else tf32.
     precision: Literal["auto", "fp32", "tf32", "bf16"] = "auto"
     # auto: off on a CPU, cudagraphs on a GPU (a step's shapes are static; small models are launch-bound).
-    compile: Literal["auto", "off", "default", "cudagraphs"] = "auto"
+    # step: the local engine records each whole step as one CUDA graph (see dkdm_core.runtime).
+    compile: Literal["auto", "off", "default", "cudagraphs", "step"] = "auto"
 
 
 class RayEngineSpec(_Strict):

@@ -9,6 +9,7 @@ draws from its own generator (which samples to take, restart noise) and the teac
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -61,9 +62,23 @@ class EMA:
         decay = self.current_decay()
         ema_params: list[torch.Tensor] = list(self.model.parameters())
         torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
+        self._copy_buffers(model)
+        self.updates += 1
+
+    @torch.no_grad()
+    def update_by(self, model: nn.Module, weight: torch.Tensor) -> None:
+        """ema += weight · (θ - ema) with ``weight`` (= 1 - decay) a device tensor: a recorded CUDA graph
+        reads it on every replay, where a Python number would be frozen at recording. The caller fills
+        ``weight`` and counts ``updates``."""
+        ema_params: list[torch.Tensor] = list(self.model.parameters())
+        diffs = torch._foreach_sub([p.detach() for p in model.parameters()], ema_params)
+        torch._foreach_mul_(diffs, weight)
+        torch._foreach_add_(ema_params, diffs)
+        self._copy_buffers(model)
+
+    def _copy_buffers(self, model: nn.Module) -> None:
         for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
             ema_b.copy_(b)
-        self.updates += 1
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "updates": self.updates}
@@ -91,18 +106,26 @@ class Trainer:
         optim: OptimSpec,
         device: torch.device | str = "cpu",
         runtime: Runtime | None = None,
+        recordable: bool = False,
     ) -> None:
         self.runtime = runtime or replace(CPU_FP32, device=torch.device(device))
         self.device = self.runtime.device
         self.model = model.to(self.device).train()
         self.optim = optim
+        # ``recordable``: the subclass's whole step can be one CUDA graph (``compile: step``). Not O2MKD's
+        # router, which sends samples to their students: data-dependent shapes, nothing to record.
+        self.graphed = recordable and self.runtime.graph_step and not isinstance(model, TimestepRouter)
         # Fused AdamW on a GPU: one kernel for every parameter instead of a handful per parameter.
+        # A recorded step reads its learning rate from a device tensor (capturable) filled before each replay.
         fused = True if self.runtime.cuda else None
+        lr: float | torch.Tensor = torch.tensor(optim.lr, device=self.device) if self.graphed else optim.lr
         self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, fused=fused
+            model.parameters(), lr=lr, weight_decay=optim.weight_decay, fused=fused, capturable=self.graphed
         )
         warmup = max(optim.warmup_steps, 1)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.lr_factor = lambda s: min(1.0, (s + 1) / warmup)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+        self.ema_weight = torch.zeros((), device=self.device)  # 1 - decay, for recorded steps
         self.ema = EMA(self.model, optim.ema_decay)
         self.steps_done = 0
         self.forward: nn.Module = compiled(self.model, self.runtime)
@@ -117,15 +140,44 @@ class Trainer:
         return out.float()
 
     def optimizer_step(self, terms: LossTerms) -> StepLogs:
-        self.optimizer.zero_grad(set_to_none=True)
-        terms.loss.backward()
-        norms = [torch.nn.utils.clip_grad_norm_(group, self.optim.grad_clip) for group in self.clip_groups]
-        grad_norm = torch.stack(norms).pow(2).sum().sqrt()
+        grad_norm = self._descend(terms)
         self.optimizer.step()
         self.scheduler.step()
         self.ema.update(self.model)
         self.steps_done += 1
         return {**terms.as_tensors(), "grad_norm": grad_norm, "lr": float(self.scheduler.get_last_lr()[0])}
+
+    def _descend(self, terms: LossTerms) -> torch.Tensor:
+        """Gradients of the loss, clipped per network; returns the global gradient norm."""
+        self.optimizer.zero_grad(set_to_none=True)
+        terms.loss.backward()
+        norms = [torch.nn.utils.clip_grad_norm_(group, self.optim.grad_clip) for group in self.clip_groups]
+        return torch.stack(norms).pow(2).sum().sqrt()
+
+    def recorded_update(self, terms: LossTerms) -> StepLogs:
+        """``optimizer_step``'s device work alone, for a recorded step: learning rate and EMA weight
+        come from device tensors (``prepare_recorded``), the counters from ``count_recorded``."""
+        grad_norm = self._descend(terms)
+        self.optimizer.step()
+        self.ema.update_by(self.model, self.ema_weight)
+        return {**terms.as_tensors(), "grad_norm": grad_norm}
+
+    def prepare_recorded(self) -> None:
+        """Before a recorded step runs: this step's learning rate and EMA weight, into their tensors."""
+        lr = self.optim.lr * self.lr_factor(self.scheduler.last_epoch)
+        group = self.optimizer.param_groups[0]
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:  # a CPU run of the same path (tests): nothing is recorded, a number will do
+            group["lr"] = lr
+        self.ema_weight.fill_(1.0 - self.ema.current_decay())
+
+    def count_recorded(self) -> dict[str, float]:
+        """After a recorded step ran: the Python-side counts ``optimizer_step`` keeps; the next lr."""
+        self.scheduler.last_epoch += 1
+        self.ema.updates += 1
+        self.steps_done += 1
+        return {"lr": self.optim.lr * self.lr_factor(self.scheduler.last_epoch)}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -181,6 +233,43 @@ class DataTrainer(Trainer):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.generator.set_state(state["generator"])
+
+
+class StepGraph:
+    """A training step recorded as one CUDA graph on its fourth call and replayed from then on.
+
+    The first calls run eagerly on a side stream, as recording requires (they create the optimiser's
+    state, compile the networks and settle the caching allocator). Recording runs the step's Python
+    once without executing its kernels; every call then replays them on the same tensors: weights,
+    optimiser state, pool and the generators' device offsets all keep their addresses between steps.
+    The logs are the graph's outputs, overwritten by the next replay: read them before it.
+    """
+
+    def __init__(self, run: Callable[[], StepLogs], generators: list[torch.Generator], warmup: int = 3) -> None:
+        self.run = run
+        self.generators = generators
+        self.warmup = warmup
+        self.graph: Any = None
+        self.logs: StepLogs = {}
+
+    def __call__(self) -> StepLogs:
+        if self.warmup > 0:
+            self.warmup -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logs = self.run()
+            torch.cuda.current_stream().wait_stream(side)
+            return logs
+        if self.graph is None:
+            graph = torch.cuda.CUDAGraph()
+            for generator in self.generators:  # each replay advances their device offsets
+                graph.register_generator_state(generator)
+            with torch.cuda.graph(graph):
+                self.logs = self.run()
+            self.graph = graph
+        self.graph.replay()
+        return self.logs
 
 
 @dataclass(frozen=True)
@@ -310,7 +399,9 @@ class Distiller(Trainer):
         device: torch.device | str = "cpu",
         runtime: Runtime | None = None,
     ) -> None:
-        super().__init__(student, optim, device, runtime)
+        # A pool on the GPU makes the whole step device work: recordable as one CUDA graph.
+        super().__init__(student, optim, device, runtime, recordable=pool.device.type == "cuda")
+        self.step_graph: StepGraph | None = None
         self.teaching = Teacher(teacher, chain, teacher_generator, self.runtime)
         self.chain = chain
         self.pool = pool
@@ -334,6 +425,8 @@ class Distiller(Trainer):
         return self.teaching.teach(lease)
 
     def step(self) -> StepLogs:
+        if self.graphed:
+            return self.recorded_step()
         self.runtime.begin_step()
         # 1. Algorithm 1 line 4: a random subset of the pool.
         lease = self.pool.take(self.optim.batch_size)
@@ -343,6 +436,24 @@ class Distiller(Trainer):
         # 3. Lines 5-7: L*_DKDM and a gradient step (O2MKD: each sample trains the student owning its t).
         terms = student_loss(self.run_student, self.chain, batch, self.vlb_weight, self.mode)
         return {**self.optimizer_step(terms), **per_student(self.model, self.chain, batch.t, terms)}
+
+    def device_step(self) -> StepLogs:
+        """``step``'s device work alone, what a recorded step replays: no Python counter moves here."""
+        lease = self.pool.take(self.optim.batch_size)
+        teacher = self.teaching
+        batch = teacher_step(teacher.run, self.chain, lease.x_t, lease.t, teacher.generator, self.device)
+        self.pool.put(lease.lease_id, batch.x_prev)
+        terms = student_loss(self.run_student, self.chain, batch, self.vlb_weight, self.mode)
+        return self.recorded_update(terms)
+
+    def recorded_step(self) -> StepLogs:
+        """One step as a replay of the recorded CUDA graph, with the counters ``step`` keeps."""
+        if self.step_graph is None:
+            self.step_graph = StepGraph(self.device_step, [self.pool.generator, self.teaching.generator])
+        self.prepare_recorded()
+        logs = self.step_graph()
+        self.teaching.evaluations += self.optim.batch_size
+        return {**logs, **self.count_recorded()}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "pool": self.pool.state_dict(), **self.teaching.state_dict()}

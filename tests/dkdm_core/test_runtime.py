@@ -106,3 +106,27 @@ def test_compiled_steps_give_losses_close_to_fp32() -> None:
     eager = losses(make_distiller())
     compiled = losses(make_distiller(runtime=resolve_runtime("cpu", "fp32", "default")))
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_a_recorded_step_does_what_an_eager_step_does() -> None:
+    """``compile: step`` replays ``device_step`` with the learning rate and EMA weight in tensors and
+    the counters kept outside: run that path without recording (CPU) and compare with ``step``."""
+    eager, split = make_distiller(sync_free=True), make_distiller(sync_free=True)
+    eager.init_pool(16)
+    split.init_pool(16)
+    for _ in range(5):
+        expected = read_logs(eager.step())
+        split.prepare_recorded()
+        logs = split.device_step()
+        got = read_logs({**logs, **split.count_recorded()})
+        split.teaching.evaluations += OPTIM.batch_size
+        assert got == pytest.approx(expected, rel=1e-5)
+    for a, b in zip(eager.ema.model.parameters(), split.ema.model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert (split.steps_done, split.teacher_calls, split.ema.updates, split.scheduler.last_epoch) == (
+        eager.steps_done,
+        eager.teacher_calls,
+        eager.ema.updates,
+        eager.scheduler.last_epoch,
+    )
+    assert torch.equal(split.pool.t, eager.pool.t) and split.pool.finished == eager.pool.finished
