@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
-# The GPU session's one prepared run: bench/gpu.py rows, then the Ray rows, partial results kept in $OUT.
+# One prepared GPU session: bench/gpu.py rows, then `dkdm distill` end to end with the GPU defaults.
+# Partial results stay in $OUT when a step runs out of time.
 set -u
 source .gpu-bundle/env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
-python3 -c "import torch, shutil; print(torch.__version__, torch.cuda.is_available(), shutil.which('gcc'))" | tee -a "$OUT/device.txt"
-timeout 330 python3 bench/gpu.py --pairs digits cifar --steps 30 --warmup 5 \
-  --settings fp32+off tf32+off bf16+off tf32+cudagraphs bf16+cudagraphs \
+timeout 230 python3 bench/gpu.py --pairs digits cifar --steps 30 --warmup 5 \
+  --settings fp32+off tf32+step bf16+step tf32+cudagraphs \
   --out "$OUT/gpu.json" > "$OUT/gpu.log" 2> "$OUT/gpu.err"
-echo "local rows rc=$?"
-tail -5 "$OUT/gpu.err"
-timeout 150 python3 bench/gpu.py --pairs digits --settings fp32+off --steps 30 --warmup 5 --ray --ray-steps 200 \
-  --out "$OUT/gpu_ray.json" > "$OUT/gpu_ray.log" 2> "$OUT/gpu_ray.err"
-echo "ray rows rc=$?"
-tail -5 "$OUT/gpu_ray.err"
-grep -h '^{"pair' "$OUT/gpu.log" "$OUT/gpu_ray.log" | cut -c1-400
+echo "bench rc=$?"; grep -v Warning "$OUT/gpu.err" | grep -i "error" | sort | uniq -c | head -5
+timeout 110 python3 -m services.cli distill --config configs/digits-dkdm.yaml --steps 300 --out /tmp/gpu-demo \
+  --quiet --set run.eval_samples=500 --set run.checkpoint_every=150 > "$OUT/distill.log" 2>&1
+echo "distill rc=$?"; tail -4 "$OUT/distill.log"; cp /tmp/gpu-demo/metrics.json "$OUT/distill_metrics.json" 2>/dev/null
+python3 -c "import json; [print(l['step'], round(l['loss'],4), round(l['elapsed_s'],1)) for l in map(json.loads, open('/tmp/gpu-demo/log.jsonl')) if 'loss' in l]" | tail -3
+grep -h '^{"pair' "$OUT/gpu.log" | cut -c1-330

@@ -186,7 +186,9 @@ class NoisePool:
         The lease expires at ``now + timeout`` (see ``expire``); by default it never does.
         """
         ids = self._free_ids(batch_size)
-        self.leased[ids] = True
+        # index_fill_ passes the value to the kernel; ``leased[ids] = True`` would copy a host scalar
+        # to the device on every step (and cannot be recorded in a CUDA graph).
+        self.leased.index_fill_(0, ids, True)
         lease_id = self.next_lease_id
         self.next_lease_id += 1
         self.leases[lease_id] = _Outstanding(ids=ids, deadline=now + timeout)
@@ -213,7 +215,7 @@ class NoisePool:
         outstanding = self.leases.pop(lease_id, None)
         if outstanding is None:
             raise StaleLeaseError(f"lease {lease_id} is not outstanding: already returned, released or expired")
-        self.leased[outstanding.ids] = False
+        self.leased.index_fill_(0, outstanding.ids, False)
         return outstanding.ids
 
     def put(self, lease_id: int, x_prev: torch.Tensor) -> None:

@@ -53,7 +53,7 @@ def test_baselines_train_on_the_full_chain_and_keep_no_pool() -> None:
     ("job", "card", "field"),
     [
         (spec(pool={"chain_steps": 500}), teacher(), "pool.chain_steps"),
-        (spec(), teacher(learn_sigma=False), "objective"),
+        (spec(objective="dkdm"), teacher(learn_sigma=False), "objective"),
         (spec(method="o2mkd", o2mkd={"students": 2, "boundaries": [150]}), teacher(), "o2mkd.boundaries"),
         (spec(method="data-based"), teacher(data=None), "method"),
         (spec(engine="ray", ray={"shards": 16}), teacher(), "ray.shards"),

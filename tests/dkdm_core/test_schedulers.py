@@ -24,6 +24,7 @@ from dkdm_core.diffusion import (
     make_diffusion,
     space_timesteps,
 )
+from tests.dkdm_core.test_diffusion import in_float64
 
 T = 100
 SHAPE = (3, 2, 4, 4)
@@ -63,12 +64,7 @@ def ours(schedule: str, respacing: list[int] | None = None, **options: Any) -> G
 def on_our_betas(sched: Any, schedule: str) -> Any:
     """diffusers' tables recomputed in float64 from our β's for ``schedule`` (all T of them)."""
     sched.betas = torch.from_numpy(beta_schedule(schedule, T, **SCHEDULE_ARGS[schedule][1]))  # type: ignore[arg-type]
-    sched.alphas = 1.0 - sched.betas
-    sched.alphas_cumprod = torch.cumprod(sched.alphas, dim=0)
-    sched.one = torch.tensor(1.0, dtype=torch.float64)
-    if hasattr(sched, "final_alpha_cumprod"):
-        sched.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
-    return sched
+    return in_float64(sched)
 
 
 def model_output(variance: str, gen: torch.Generator) -> torch.Tensor:
