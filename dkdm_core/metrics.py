@@ -18,6 +18,7 @@ finite-sample bias) and pure noise against the teacher (the ceiling).
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -154,8 +155,7 @@ def feature_layer(teacher: nn.Module, t: int) -> nn.Module | None:
     last block is the same for DiT-style models. An O2MKD router defers to the part that owns ``t``.
     """
     if isinstance(teacher, TimestepRouter):
-        owner = int(teacher.owner(torch.tensor([t], device=teacher._cuts.device)))  # type: ignore[operator]
-        return feature_layer(teacher.parts[owner], t)
+        return feature_layer(teacher.parts[bisect_right(teacher.edges[1:-1], t)], t)  # as TimestepRouter.owner
     net = getattr(teacher, "net", teacher)
     mid = getattr(net, "mid_block", None)
     if isinstance(mid, nn.Module):
@@ -210,7 +210,7 @@ def teacher_features(
     generator seeded by ``seed`` whatever set it belongs to, so two sets see the same noise and the
     distance between them is the samples', not the noise's.
     """
-    t = min(max(int(round(t_fraction * diffusion.num_timesteps)), 1), diffusion.num_timesteps - 1)
+    t = min(max(round(t_fraction * diffusion.num_timesteps), 1), diffusion.num_timesteps - 1)
     device = next(teacher.parameters()).device
     dtype = next(teacher.parameters()).dtype
     layer = feature_layer(teacher, t)
