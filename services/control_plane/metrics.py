@@ -75,7 +75,8 @@ class EngineCollector(Collector):
             states[f.add_job(job_id, JobStore(self.url, job_id, client=self.r))] += 1
         for state in JOB_STATES:
             f.jobs.add_metric([state], states[state])
-        yield from (f.jobs, f.step, f.total, f.progress, f.loss, f.idle, f.pool, f.depth, f.fd, f.tfd, *f.counters.values())
+        yield from (f.jobs, f.step, f.total, f.progress, f.loss, f.idle, f.pool, f.depth, f.fd, f.tfd)
+        yield from f.counters.values()
 
 
 class _Families:
