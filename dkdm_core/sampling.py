@@ -13,7 +13,8 @@ from torch import nn
 
 from dkdm_core.checkpoint import ModelCard
 from dkdm_core.diffusion import GaussianDiffusion, Sampler, sample_loop, space_timesteps
-from dkdm_core.latent import decode, load_autoencoder
+from dkdm_core.latent import decode as decode_latents
+from dkdm_core.latent import load_autoencoder
 from dkdm_core.methods.boot import one_step_sample
 from dkdm_core.spec import DiffusionSpec
 
@@ -66,8 +67,11 @@ def draw(
     sampler: Sampler = "iddpm",
     batch_size: int = 256,
     device: torch.device | str | None = None,
+    decode: bool = True,
 ) -> torch.Tensor:
     """``num`` samples of what the model's card describes, as data (decoded for latent models).
+
+    ``decode=False`` keeps a latent model's samples in its latent space.
 
     ``steps`` and ``sampler`` apply to diffusion models; a one-step student ignores them.
     """
@@ -82,6 +86,6 @@ def draw(
     else:
         diffusion = sampling_diffusion(card.diffusion, card.learn_sigma, steps, sampler)
         x = generate(model, diffusion, card.sample_shape, num, seed, sampler, batch_size, device)
-    if card.autoencoder is not None:
-        x = decode(load_autoencoder(card.autoencoder), x)
+    if card.autoencoder is not None and decode:
+        x = decode_latents(load_autoencoder(card.autoencoder), x)
     return x

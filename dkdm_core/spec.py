@@ -186,6 +186,9 @@ class RunSpec(_Strict):
     sample_every: int = Field(1000, ge=1)
     eval_every: int = Field(0, ge=0)  # 0: evaluate only at the end
     eval_samples: int = Field(1000, ge=16)  # generated images per Fréchet distance
+    # Samples per side of the teacher-feature FD (student vs teacher in the teacher's own features);
+    # the teacher's two calibration sets are drawn once and cached under OUT/quality. 0: skip it.
+    quality_samples: int = Field(256, ge=0)
     sample_steps: int = Field(50, ge=1, le=10000)  # the paper's 50 IDDPM steps in pixel space
     sampler: Sampler = "iddpm"
     threads: int = Field(0, ge=0)  # torch CPU threads; 0 leaves torch's default

@@ -41,6 +41,7 @@ from dkdm_core.spec import RunSpec
 from dkdm_core.training import StepLogs, read_logs
 from services.evaluation import digits_evaluator
 from services.images import save_grid
+from services.quality import teacher_quality
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +149,13 @@ def decide_resume(out: Path, spec: dict[str, Any], candidates: list[Path]) -> Re
 
 
 def evaluate_model(
-    model: nn.Module, card: ModelCard, run: RunSpec, num: int, seed: int
+    model: nn.Module, card: ModelCard, run: RunSpec, num: int, seed: int, quality_dir: Path | None = None
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """Samples from ``model`` and, for digits models, their digits FD and IS analogue."""
+    """Samples from ``model`` and, for digits models, their digits FD and IS analogue.
+
+    With ``quality_dir`` (where the teacher's samples are cached), a student also gets its
+    teacher-feature FD (``services.quality``): the figure every job has, whatever its data.
+    """
     start = time.perf_counter()
     samples = draw(model, card, num, seed, run.sample_steps, run.sampler)
     metrics: dict[str, float] = {
@@ -159,6 +164,8 @@ def evaluate_model(
     }
     if card.data == "digits":
         metrics.update(digits_evaluator().evaluate(samples))
+    if quality_dir is not None:
+        metrics.update(teacher_quality(model, card, run, seed, quality_dir, samples))
     return metrics, samples
 
 
@@ -213,7 +220,8 @@ class _Run:
         if self.saved_at != self.trainer.steps_done or not list_checkpoints(self.checkpoints):
             self.checkpoint()
         model = self.trainer.ema.model
-        metrics, samples = evaluate_model(model, self.card, self.run, self.run.eval_samples, self.seed)
+        quality = self.out / "quality"  # the teacher's samples for the teacher-feature FD, cached
+        metrics, samples = evaluate_model(model, self.card, self.run, self.run.eval_samples, self.seed, quality)
         metrics["train_seconds"] = time.perf_counter() - self.started
         metrics["steps"] = float(self.trainer.steps_done)
         metrics.update({**(extra_metrics or {}), **self.extra()})

@@ -53,6 +53,7 @@ EXPORTED = {
     "dkdm_job_pool_samples",
     "dkdm_job_queue_depth",
     "dkdm_job_digits_fd",
+    "dkdm_job_teacher_fd",
     *(f"{name}_total" for name, _ in COUNTER_METRICS.values()),
 }
 
@@ -74,7 +75,8 @@ class EngineCollector(Collector):
             states[f.add_job(job_id, JobStore(self.url, job_id, client=self.r))] += 1
         for state in JOB_STATES:
             f.jobs.add_metric([state], states[state])
-        yield from (f.jobs, f.step, f.total, f.progress, f.loss, f.idle, f.pool, f.depth, f.fd, *f.counters.values())
+        yield from (f.jobs, f.step, f.total, f.progress, f.loss, f.idle, f.pool, f.depth, f.fd, f.tfd)
+        yield from f.counters.values()
 
 
 class _Families:
@@ -96,6 +98,8 @@ class _Families:
             "dkdm_job_queue_depth", "Knowledge batches waiting per rank", labels=["job_id", "rank"]
         )
         self.fd = GaugeMetricFamily("dkdm_job_digits_fd", "Final digits Fréchet distance", labels=["job_id"])
+        # figure: fd, floor, ceiling or score ((fd - floor) / (ceiling - floor)); see dkdm_core.metrics.
+        self.tfd = GaugeMetricFamily("dkdm_job_teacher_fd", "Final teacher-feature FD", labels=["job_id", "figure"])
         self.counters = {
             name: CounterMetricFamily(metric, doc, labels=["job_id"]) for name, (metric, doc) in COUNTER_METRICS.items()
         }
@@ -116,6 +120,9 @@ class _Families:
             self.idle.add_metric([job_id], values["idle_fraction"])
         if "digits_fd" in values:
             self.fd.add_metric([job_id], values["digits_fd"])
+        for name, value in values.items():
+            if name.startswith("teacher_fd"):
+                self.tfd.add_metric([job_id, name.removeprefix("teacher_fd").lstrip("_") or "fd"], value)
         for name, value in store.counters().items():
             if name in self.counters:
                 self.counters[name].add_metric([job_id], value)

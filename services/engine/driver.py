@@ -405,7 +405,7 @@ def finish(
 ) -> dict[str, float]:
     """Save the final EMA student to OUT, evaluate it, write OUT/metrics.json."""
     spec, card = plan.spec, plan.student_card.model_copy(deep=True)
-    metrics, _ = evaluate_model(model, card, spec.run, spec.run.eval_samples, spec.seed)
+    metrics, _ = evaluate_model(model, card, spec.run, spec.run.eval_samples, spec.seed, out / "quality")
     counters = store.counters()
     metrics.update(stats)
     metrics.update({k: v for k, v in counters.items() if v})
@@ -414,7 +414,9 @@ def finish(
     if busy + wait > 0:
         metrics["student_idle_fraction"] = wait / (busy + wait)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    store.set_metrics({k: v for k, v in metrics.items() if k in ("digits_fd", "digits_is")})
+    store.set_metrics(
+        {k: v for k, v in metrics.items() if k in ("digits_fd", "digits_is") or k.startswith("teacher_fd")}
+    )
     card.info["metrics"] = metrics
     save_model(out, model, card)
     return metrics

@@ -98,8 +98,12 @@ def test_diffusers_teacher_distils_exports_and_samples_in_diffusers(name: str, t
         "--set",
         "run.eval_samples=16",
         "--set",
+        "run.quality_samples=16",
+        "--set",
         "run.sample_steps=5",
     )
+    metrics = json.loads((out / "metrics.json").read_text())  # a quality figure without any data
+    assert np.isfinite(metrics["teacher_fd"]) and metrics["teacher_fd_floor"] < metrics["teacher_fd_ceiling"]
     card = json.loads((out / "config.json").read_text())
     learned = scheduler["variance_type"].startswith("learned")
     assert card["diffusion"]["prediction_type"] == "epsilon"

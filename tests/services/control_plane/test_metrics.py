@@ -15,7 +15,9 @@ def test_collector_exports_every_declared_family_from_a_job_record() -> None:
         store.create({"steps": 10}, state="RUNNING", total_steps=10)
         store.update(step=4)
         store.add(**{name: 1 for name in ("student_steps_total", "teacher_calls", "batches_consumed")})
-        store.set_metrics({"loss": 0.5, "mse": 0.4, "vlb": 0.1, "idle_fraction": 0.02, "digits_fd": 9.0})
+        store.set_metrics(
+            {"loss": 0.5, "mse": 0.4, "vlb": 0.1, "idle_fraction": 0.02, "digits_fd": 9.0, "teacher_fd_score": 0.25}
+        )
         store.set_shard(0, {"histogram": [3, 4]})
         store.set_queue_depths([2])
         registry = CollectorRegistry()
@@ -25,6 +27,7 @@ def test_collector_exports_every_declared_family_from_a_job_record() -> None:
     declared = {name.removesuffix("_total") for name in EXPORTED}
     assert families == declared
     assert 'dkdm_job_progress_ratio{job_id="abcdefabcdef"} 0.4' in text
+    assert 'dkdm_job_teacher_fd{figure="score",job_id="abcdefabcdef"} 0.25' in text
     assert 'dkdm_job_pool_samples{band="1",job_id="abcdefabcdef",shard="0"} 4.0' in text
     assert (
         'dkdm_jobs{state="RUNNING"} 1.0' in text and 'dkdm_job_teacher_calls_total{job_id="abcdefabcdef"} 1.0' in text
