@@ -11,7 +11,8 @@ import torch
 from dkdm_core.checkpoint import load_model
 from dkdm_core.metrics import TeacherFeatureFD
 from dkdm_core.sampling import draw
-from tests.conftest import ROOT, run_dkdm
+from tests.conftest import ROOT
+from tests.services.test_local_engine import distill
 
 pytestmark = [pytest.mark.slow]
 
@@ -20,31 +21,10 @@ QUALITY = ("teacher_fd", "teacher_fd_floor", "teacher_fd_ceiling", "teacher_fd_s
 
 
 def short_distill(teacher: Path, out: Path, steps: int, *extra: str) -> dict[str, float]:
-    run_dkdm(
-        "distill",
-        "--config",
-        "configs/digits-dkdm.yaml",
-        "--steps",
-        str(steps),
-        "--out",
-        str(out),
-        "--quiet",
-        "--set",
-        f"teacher={teacher}",
-        "--set",
-        "pool.chain_steps=10",
-        "--set",
-        "optim.batch_size=16",
-        "--set",
-        "run.sample_every=100000",
-        "--set",
-        "run.eval_samples=64",
-        "--set",
-        "run.quality_samples=64",
-        "--set",
-        "run.sample_steps=10",
-        *extra,
-    )
+    """The local-engine tests' short distillation, evaluated on enough samples for a Fréchet distance."""
+    settings = ("run.log_every=50", "run.checkpoint_every=500", "run.sample_every=100000", "run.eval_samples=64")
+    settings += ("run.quality_samples=64", "run.sample_steps=10")
+    distill(teacher, out, steps, *(arg for item in settings for arg in ("--set", item)), *extra)
     return json.loads((out / "metrics.json").read_text())
 
 
