@@ -133,16 +133,19 @@ def wait_for_http(url: str, service: Service, timeout: float = 120.0) -> None:
             time.sleep(0.3)
 
 
-def stop_group(process: subprocess.Popen[bytes]) -> None:
-    """Stop a process started with start_new_session and everything it started."""
+def stop_group(process: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """Stop a process started with start_new_session and everything it started.
+
+    A Ray head that ran jobs can take over 30 s to answer SIGTERM (an idle one stops in 2 s); the
+    tests own every process of the group and nothing of it outlives the test, so after ``grace``
+    seconds the whole group is killed."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError):  # the leader may be gone while its children live on
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 @contextlib.contextmanager
