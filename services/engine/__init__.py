@@ -6,10 +6,14 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-from dkdm_core.plan import JobPlan
-from dkdm_core.spec import DistillSpec
-from services.runner import RunResult
+# Every actor process of a job imports this package first: the shards and queues need neither models
+# nor diffusers, so nothing heavy is imported here.
+if TYPE_CHECKING:
+    from dkdm_core.plan import JobPlan
+    from dkdm_core.spec import DistillSpec
+    from services.runner import RunResult
 
 
 def distill_ray(
