@@ -282,7 +282,7 @@ def _add_models(sub: Any) -> None:
         dest="clf_command", required=True
     )
     p = clf.add_parser("train", help="train the digits classifier used by `dkdm eval`")
-    p.add_argument("--out", help="output folder (default: the bundled assets/classifier/digits)")
+    p.add_argument("--out", help="output folder (default: the bundled dkdm_core/assets/classifier/digits)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=30)
     p.set_defaults(func=cmd_classifier_train)
