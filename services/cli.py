@@ -208,6 +208,20 @@ def cmd_serve_sampling(args: argparse.Namespace) -> None:
     print(f"sampling service deployed: http://{args.host}:{args.port}/v1/models/{{name}}/samples")
 
 
+def cmd_up(args: argparse.Namespace) -> None:
+    from services.up import StartError, UpOptions, run
+
+    ports = {k: getattr(args, k) for k in ("api_port", "sampling_port", "redis_port", "dashboard_port")}
+    if any(not 0 <= p < 65536 for p in ports.values()) or (args.num_cpus is not None and args.num_cpus < 1):
+        raise UsageError("ports must be 0 (a free one) to 65535, --num-cpus at least 1")
+    options = UpOptions(Path(args.data), args.host, num_cpus=args.num_cpus, token=args.token, **ports)
+    try:
+        run(options, announce=lambda line: print(line, flush=True))
+    except StartError as exc:  # a part that could not start: a service failing under us, status 1
+        print(f"dkdm: error: {_one_line(exc)}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML job spec")
     p.add_argument("--steps", type=int, help="override the number of optimiser steps")
@@ -289,7 +303,7 @@ def _add_models(sub: Any) -> None:
 
 
 def _add_services(sub: Any) -> None:
-    """serve api, serve sampling."""
+    """serve api, serve sampling, up."""
     srv = sub.add_parser("serve", help="the control plane API and the sampling service").add_subparsers(
         dest="serve_command", required=True
     )
@@ -301,6 +315,15 @@ def _add_services(sub: Any) -> None:
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=port)
         p.set_defaults(func=func)
+
+    p = sub.add_parser("up", help="the whole service on this machine: Redis, Ray, control plane, sampling")
+    p.add_argument("--data", default="dkdm-data", help="folder of the job records (Redis) and runs")
+    p.add_argument("--host", default="127.0.0.1", help="where the control plane and sampling listen")
+    for flag, port in (("api", 8080), ("sampling", 8000), ("redis", 0), ("dashboard", 8265)):
+        p.add_argument(f"--{flag}-port", type=int, default=port, help=f"default {port}; 0: a free port")
+    p.add_argument("--num-cpus", type=int, help="Ray's logical CPUs (default: the cores, at least 4)")
+    p.add_argument("--token", help="the API token (default: DKDM_API_TOKEN, else one saved in --data)")
+    p.set_defaults(func=cmd_up)
 
 
 def build_parser() -> argparse.ArgumentParser:
