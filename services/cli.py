@@ -104,12 +104,19 @@ def cmd_distill(args: argparse.Namespace) -> None:
     _print_result("distillation", distill_local(spec, progress=not args.quiet))
 
 
+def _model_dir(path: str) -> Path:
+    """``assets/...`` names the bundled models wherever the package is installed."""
+    from services.evaluation import resolve_path
+
+    return resolve_path(path)
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     if args.num < 1:
         raise UsageError("--num must be at least 1")
     if not args.out.endswith(".npz"):
         raise UsageError("--out must name a .npz file")
-    model, card = load_model(args.model, pick_device(args.device))
+    model, card = load_model(_model_dir(args.model), pick_device(args.device))
     samples = draw(model, card, args.num, args.seed, args.steps, args.sampler, args.batch_size)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +159,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         images = _read_npz_images(args.samples)
         metrics: dict[str, float] = {}
     else:
-        model, card = load_model(args.model, pick_device(args.device))
+        model, card = load_model(_model_dir(args.model), pick_device(args.device))
         if card.data != "digits" and card.sample_shape != (1, 8, 8):
             raise UsageError(f"digits metrics need a model of 8x8 grey images, got shape {card.sample_shape}")
         images = draw(model, card, args.num, args.seed, args.steps, args.sampler)
@@ -171,7 +178,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    model, card = load_model(args.model)
+    model, card = load_model(_model_dir(args.model))
     out = export_diffusers(model, card, args.out)
     print(f"exported a diffusers DDPMPipeline to {out}")
 
