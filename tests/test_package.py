@@ -34,6 +34,7 @@ INHERITED = ("PYTHONPATH", "RAY_ADDRESS", "DKDM_REDIS_URL", "DKDM_MODEL_ROOTS", 
 def build_wheel(tmp: Path) -> Path:
     """``pip wheel`` of a copy of the sources: the build's own folders never land in the checkout."""
     src = tmp / "src"
+    src.mkdir()
     for name in SOURCES:
         if (ROOT / name).is_dir():
             shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
