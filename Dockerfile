@@ -9,7 +9,7 @@ COPY pyproject.toml README.md ./
 COPY dkdm_core ./dkdm_core
 COPY services ./services
 COPY configs ./configs
-COPY assets ./assets
+# The bundled teacher and classifier are package data (dkdm_core/assets): installed with the package.
 RUN pip install --no-cache-dir .
 # Jobs write under /app/runs; mount the same volume on every node (Ray Train checkpoints need it).
 VOLUME ["/app/runs"]

@@ -58,7 +58,7 @@ class Pair:
 
 
 PAIRS = {
-    "digits": Pair("digits", str(ROOT / "assets/teachers/digits"), "unet-tiny", 1, 8, 64, 100),
+    "digits": Pair("digits", str(ROOT / "dkdm_core/assets/teachers/digits"), "unet-tiny", 1, 8, 64, 100),
     "cifar": Pair("cifar", "ddpm-cifar10", "ddpm-cifar10-half", 3, 32, 128, None, "linear"),
     # The CPU smoke run's stand-in for the CIFAR pair: same code path, a size two cores can step.
     "cifar-quarter": Pair("cifar-quarter", "ddpm-cifar10-quarter", "ddpm-cifar10-quarter", 3, 32, 8, 20, "linear"),

@@ -104,12 +104,19 @@ def cmd_distill(args: argparse.Namespace) -> None:
     _print_result("distillation", distill_local(spec, progress=not args.quiet))
 
 
+def _model_dir(path: str) -> Path:
+    """``assets/...`` names the bundled models wherever the package is installed."""
+    from services.evaluation import resolve_path
+
+    return resolve_path(path)
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     if args.num < 1:
         raise UsageError("--num must be at least 1")
     if not args.out.endswith(".npz"):
         raise UsageError("--out must name a .npz file")
-    model, card = load_model(args.model, pick_device(args.device))
+    model, card = load_model(_model_dir(args.model), pick_device(args.device))
     samples = draw(model, card, args.num, args.seed, args.steps, args.sampler, args.batch_size)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +159,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         images = _read_npz_images(args.samples)
         metrics: dict[str, float] = {}
     else:
-        model, card = load_model(args.model, pick_device(args.device))
+        model, card = load_model(_model_dir(args.model), pick_device(args.device))
         if card.data != "digits" and card.sample_shape != (1, 8, 8):
             raise UsageError(f"digits metrics need a model of 8x8 grey images, got shape {card.sample_shape}")
         images = draw(model, card, args.num, args.seed, args.steps, args.sampler)
@@ -171,7 +178,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    model, card = load_model(args.model)
+    model, card = load_model(_model_dir(args.model))
     out = export_diffusers(model, card, args.out)
     print(f"exported a diffusers DDPMPipeline to {out}")
 
@@ -206,6 +213,20 @@ def cmd_serve_sampling(args: argparse.Namespace) -> None:
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace="dkdm")
     deploy(settings, args.host, args.port)
     print(f"sampling service deployed: http://{args.host}:{args.port}/v1/models/{{name}}/samples")
+
+
+def cmd_up(args: argparse.Namespace) -> None:
+    from services.up import StartError, UpOptions, run
+
+    ports = {k: getattr(args, k) for k in ("api_port", "sampling_port", "redis_port", "dashboard_port")}
+    if any(not 0 <= p < 65536 for p in ports.values()) or (args.num_cpus is not None and args.num_cpus < 1):
+        raise UsageError("ports must be 0 (a free one) to 65535, --num-cpus at least 1")
+    options = UpOptions(Path(args.data), args.host, num_cpus=args.num_cpus, token=args.token, **ports)
+    try:
+        run(options, announce=lambda line: print(line, flush=True))
+    except StartError as exc:  # a part that could not start: a service failing under us, status 1
+        print(f"dkdm: error: {_one_line(exc)}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -282,14 +303,14 @@ def _add_models(sub: Any) -> None:
         dest="clf_command", required=True
     )
     p = clf.add_parser("train", help="train the digits classifier used by `dkdm eval`")
-    p.add_argument("--out", help="output folder (default: the bundled assets/classifier/digits)")
+    p.add_argument("--out", help="output folder (default: the bundled dkdm_core/assets/classifier/digits)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=30)
     p.set_defaults(func=cmd_classifier_train)
 
 
 def _add_services(sub: Any) -> None:
-    """serve api, serve sampling."""
+    """serve api, serve sampling, up."""
     srv = sub.add_parser("serve", help="the control plane API and the sampling service").add_subparsers(
         dest="serve_command", required=True
     )
@@ -301,6 +322,15 @@ def _add_services(sub: Any) -> None:
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=port)
         p.set_defaults(func=func)
+
+    p = sub.add_parser("up", help="the whole service on this machine: Redis, Ray, control plane, sampling")
+    p.add_argument("--data", default="dkdm-data", help="folder of the job records (Redis) and runs")
+    p.add_argument("--host", default="127.0.0.1", help="where the control plane and sampling listen")
+    for flag, port in (("api", 8080), ("sampling", 8000), ("redis", 0), ("dashboard", 8265)):
+        p.add_argument(f"--{flag}-port", type=int, default=port, help=f"default {port}; 0: a free port")
+    p.add_argument("--num-cpus", type=int, help="Ray's logical CPUs (default: the cores, at least 4)")
+    p.add_argument("--token", help="the API token (default: DKDM_API_TOKEN, else one saved in --data)")
+    p.set_defaults(func=cmd_up)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -13,16 +14,28 @@ from dkdm_core.checkpoint import CheckpointError, load_weights, read_weights
 from dkdm_core.data import load_digits_tensor
 from dkdm_core.metrics import DigitsClassifier, DigitsEvaluator, train_classifier
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-CLASSIFIER_DIR = PROJECT_ROOT / "assets" / "classifier" / "digits"
+# Configs, the spec's default teacher and users name the bundled files ``assets/...``, wherever the
+# package is installed: the name resolves to this folder unless such a path exists where it is given.
+ASSETS_NAME = "assets"
+
+
+def bundled_assets() -> Path:
+    """The bundled teacher and metric classifier: package data of ``dkdm_core`` (a checkout or a wheel)."""
+    root = resources.files("dkdm_core").joinpath(ASSETS_NAME)
+    if not isinstance(root, Path):  # models are read as folders, so the package must be installed as files
+        raise CheckpointError(f"dkdm_core's assets are not plain files ({root}); install the package unzipped")
+    return root
+
+
+CLASSIFIER_DIR = bundled_assets() / "classifier" / "digits"
 
 
 def resolve_path(path: str | Path) -> Path:
-    """A path as given, or relative to the project root for bundled assets (``assets/...``)."""
+    """A path as given, or the bundled copy of ``assets/...`` if no such path exists here."""
     p = Path(path).expanduser()
-    if p.exists() or p.is_absolute():
+    if p.exists() or p.is_absolute() or p.parts[:1] != (ASSETS_NAME,):
         return p
-    bundled = PROJECT_ROOT / p
+    bundled = bundled_assets().joinpath(*p.parts[1:])
     return bundled if bundled.exists() else p
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.auth import strong_enough
-from services.evaluation import PROJECT_ROOT
+from services.evaluation import bundled_assets
 
 
 class Settings(BaseSettings):
@@ -20,10 +20,11 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Ray's job-submission address (the head's dashboard port).
     ray_address: str = "http://127.0.0.1:8265"
-    # Teachers may only be read from below these folders (no path traversal through the API).
-    model_roots: list[Path] = [PROJECT_ROOT / "assets", PROJECT_ROOT / "runs"]
-    # Where jobs write: runs_dir/<job id>. Must be storage the Ray workers share.
-    runs_dir: Path = PROJECT_ROOT / "runs" / "jobs"
+    # Teachers may only be read from below these folders (no path traversal through the API): the
+    # bundled assets, wherever the package is installed, and ./runs of the folder the service starts in.
+    model_roots: list[Path] = Field(default_factory=lambda: [bundled_assets(), Path("runs")])
+    # Where jobs write: runs_dir/<job id>, below the starting folder unless set. Storage the Ray workers share.
+    runs_dir: Path = Path("runs") / "jobs"
     # Environment variables handed to every submitted job (besides DKDM_REDIS_URL).
     job_env: dict[str, str] = {}
 

@@ -33,11 +33,13 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A private ``redis-server`` process on 127.0.0.1; metadata only, so nothing is saved to disk."""
+    """A private ``redis-server`` process on 127.0.0.1. A job's metadata lives as long as the job, so
+    nothing is saved to disk unless ``persist`` (``dkdm up``: an append-only file in ``directory``)."""
 
-    def __init__(self, port: int | None = None, directory: Path | None = None) -> None:
+    def __init__(self, port: int | None = None, directory: Path | None = None, persist: bool = False) -> None:
         self.port = port or free_port()
         self.directory = directory
+        self.persist = persist
         self.process: subprocess.Popen[bytes] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -55,7 +57,9 @@ class RedisServer:
         if self.directory is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="dkdm-redis-")
             self.directory = Path(self._tmp.name)
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        # Persisted: every write in the append-only file, fsynced each second (as docker-compose's Redis).
+        durable = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persist else ["--appendonly", "no"]
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *durable]
         args += ["--dir", str(self.directory), "--daemonize", "no", "--loglevel", "warning"]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout

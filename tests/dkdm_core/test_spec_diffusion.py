@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bundled_teacher_card_loads_with_todays_diffusion() -> None:
-    card = read_card(ROOT / "assets" / "teachers" / "digits")
+    card = read_card(ROOT / "dkdm_core" / "assets" / "teachers" / "digits")
     built = card.diffusion.build(card.learn_sigma)
     reference = make_diffusion(card.diffusion.schedule, card.diffusion.num_timesteps, card.learn_sigma)
     assert (built.betas == reference.betas).all()

@@ -16,7 +16,7 @@ from tests.services.test_local_engine import distill
 
 pytestmark = [pytest.mark.slow]
 
-TEACHER = ROOT / "assets" / "teachers" / "digits"
+TEACHER = ROOT / "dkdm_core" / "assets" / "teachers" / "digits"
 QUALITY = ("teacher_fd", "teacher_fd_floor", "teacher_fd_ceiling", "teacher_fd_score")
 
 
