@@ -4,6 +4,7 @@ it, and every client rides out a Redis restart (append-only on) and fails in one
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,16 @@ from services.jobs import durable, keys
 from services.jobs.client import RedisUnavailable, redis_client
 from services.jobs.store import JobStore, RecordGone
 from tests.services.conftest import free_port, redis_server
+
+
+@pytest.fixture(autouse=True)
+def leave_no_keys(redis_url: str) -> Iterator[None]:
+    """The session's Redis is shared with other tests that look at every job key: clean up after."""
+    yield
+    client = redis_client(redis_url)
+    for job_id in ("lost-job", "retried-job", "0123456789cd"):
+        client.delete(*client.scan_iter(match=keys.job(job_id) + "*"), keys.job(job_id))
+        client.zrem(keys.jobs_index(), job_id)
 
 
 def wipe(store: JobStore) -> None:
