@@ -378,6 +378,8 @@ def _error_line(exc: BaseException) -> tuple[str, int] | None:
     """
     import redis
 
+    from services.jobs.client import RedisUnavailable
+
     user_errors = (UsageError, CheckpointError, FileNotFoundError, ValueError)
     ray_exceptions = sys.modules.get("ray.exceptions")  # loaded only by commands that use Ray
     ray_train = sys.modules.get("ray.train")
@@ -390,6 +392,8 @@ def _error_line(exc: BaseException) -> tuple[str, int] | None:
     for e in causes:
         if isinstance(e, ray_types):
             continue  # a Ray task error that also is its cause's class: its text is a remote traceback
+        if isinstance(e, RedisUnavailable):
+            return _one_line(e), 1  # it names the server and how long it was waited for
         if isinstance(e, redis.RedisError) or (isinstance(e, ConnectionError) and "Redis" in str(e)):
             return f"Redis failed: {_one_line(e)}", 1
     if not any(isinstance(e, ray_types) or _raised_by_ray(e) for e in causes):

@@ -110,7 +110,7 @@ def _redis(options: UpOptions, data: Path, stack: contextlib.ExitStack) -> str:
     from services.engine.embedded import RedisServer
 
     (data / "redis").mkdir(exist_ok=True)
-    server = RedisServer(port=options.redis_port or None, directory=data / "redis", persist=True)
+    server = RedisServer(port=options.redis_port or None, directory=data / "redis", appendfsync="everysec")
     try:
         server.start()
     except RuntimeError as exc:

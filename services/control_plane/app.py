@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -12,6 +14,9 @@ from services.control_plane.metrics import EngineCollector
 from services.control_plane.routers import jobs, models, ops
 from services.control_plane.service import JobService
 from services.control_plane.settings import Settings, get_settings
+from services.jobs.client import redis_client
+
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -21,10 +26,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Start data-free distillation jobs on Ray, follow them, list the distilled students.",
     )
-    client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10)
+    client = redis_client(settings.redis_url)
     launcher = RayLauncher(settings.ray_address, {"DKDM_REDIS_URL": settings.redis_url, **settings.job_env})
     app.state.settings = settings
     app.state.service = JobService(settings, client, launcher)
+    try:  # records a wiped Redis lost come back from their durable copies
+        rebuilt = app.state.service.recover_all()
+        if rebuilt:
+            log.warning("rebuilt %d job records from their durable copies: %s", len(rebuilt), ", ".join(rebuilt))
+    except redis.RedisError as exc:
+        log.warning("job records not checked against their durable copies: %s", exc)
     app.state.metrics_registry = CollectorRegistry()
     app.state.metrics_registry.register(EngineCollector(client, settings.redis_url))
     for router in (jobs.router, models.router, ops.router):

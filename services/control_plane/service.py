@@ -17,6 +17,7 @@ from dkdm_core.spec import POOL_METHODS, DistillSpec, RayEngineSpec
 from services.control_plane.launcher import RayLauncher
 from services.control_plane.settings import Settings
 from services.evaluation import resolve_path
+from services.jobs import durable
 from services.jobs.keys import TERMINAL_STATES
 from services.jobs.store import JobStore, ModelRegistry, list_jobs
 
@@ -174,9 +175,22 @@ class JobService:
             store.set_state("FAILED", error=f"Ray job failed: {seen[1]} {tail[0]}".strip())
         return store.record()
 
+    def recover(self, job_id: str) -> bool:
+        """Rebuild a record Redis lost from the job's durable copy, runs_dir/<id>/job.json, if there is one."""
+        if Path(job_id).name != job_id or job_id.startswith("."):
+            return False
+        copy = durable.read_copy(durable.copy_path(self.settings.runs_dir / job_id))
+        return copy is not None and copy["id"] == job_id and self.store(job_id).restore(copy)
+
+    def recover_all(self) -> list[str]:
+        """Rebuild every job record below runs_dir that Redis lost (at start-up); the ids rebuilt."""
+        return [p.parent.name for p in durable.find_copies([self.settings.runs_dir]) if self.recover(p.parent.name)]
+
     def view(self, job_id: str) -> JobView | None:
         store = self.store(job_id)
         record = store.record()
+        if not record and self.recover(job_id):
+            record = store.record()
         if not record:
             return None
         record = self.reconcile(job_id, record)

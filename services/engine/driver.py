@@ -9,6 +9,10 @@ or restored from the pool snapshot of the checkpoint the student resumes from: t
 that once, before the pool is touched, and hands it to Ray Train's ranks too. While the student trains, a
 supervisor thread replaces dead replicas, applies scaling requests (``teacher_replicas`` in the
 job's control hash), and publishes shard histograms and lease bookkeeping to Redis.
+
+Redis may restart under a running job: every client rides that out (``services.jobs.client``). Past
+the ride-out limit the student stops with a checkpoint and the job fails with the one Redis error;
+the job's record keeps a durable copy beside its output (``services.jobs.durable``).
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import redis
 import torch
 import yaml
-from ray.exceptions import RayError
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from tqdm import tqdm
@@ -36,10 +40,12 @@ from dkdm_core.spec import DistillSpec
 from services.engine.batch_queue import BatchQueue
 from services.engine.replica import TeacherReplica
 from services.engine.shard import PoolShard
-from services.engine.student import train_loop_per_worker
+from services.engine.student import STOPPED_BY, train_loop_per_worker
 from services.evaluation import resolve_path
+from services.jobs import durable
+from services.jobs.client import RedisUnavailable, get_redis_settings
 from services.jobs.keys import JobState
-from services.jobs.store import JobStore, ModelRegistry
+from services.jobs.store import JobStore, ModelRegistry, RecordGone
 from services.runner import ResumePoint, RunResult, decide_resume, evaluate_model
 
 log = logging.getLogger(__name__)
@@ -91,11 +97,15 @@ class Engine:
     store: JobStore
     out: Path
     attempt: int = 1
+    ride_out_s: float = 30.0  # every component's Redis ride-out limit (DKDM_REDIS_RIDE_OUT_S of the driver)
     checkpoints_before: list[str] = field(default_factory=list)  # Ray Train's, when this run started
     shards: list[Any] = field(default_factory=list)
     queues: list[Any] = field(default_factory=list)
     replicas: list[ReplicaSlot] = field(default_factory=list)
     restarts: int = 0
+    unwritten_restarts: int = 0  # replica_restarts not yet added to the counters (a write failed)
+    unreplaced: int = 0  # replicas that died and wait for a replacement
+    target: int = 0  # the replica count the supervisor restores every round
     next_index: int = 0
     stopping: threading.Event = field(default_factory=threading.Event)
     expired_seen: dict[int, int] = field(default_factory=dict)
@@ -144,6 +154,7 @@ class Engine:
                 threads=max(1, int(r.teacher_cpus)),
                 redis_url=self.store.url,
                 job_id=self.job_id,
+                ride_out_s=self.ride_out_s,
             )
         )
         slot = ReplicaSlot(index, generation, handle)
@@ -179,7 +190,8 @@ class Engine:
     def place(self, resume: ResumePoint | None) -> dict[str, float]:
         """Shards, queues and replicas on the cluster; the pool initialised or restored; loops started."""
         self.start_shards()
-        for _ in range(self.spec.ray.teacher_replicas):
+        self.target = self.spec.ray.teacher_replicas
+        for _ in range(self.target):
             self.add_replica(generation=self.attempt - 1)
         stats = {"pool_size": float(self.plan.pool_size), "chain_steps": float(self.plan.chain_length)}
         if resume is not None:
@@ -193,37 +205,55 @@ class Engine:
     # Supervision ----------------------------------------------------------------------------------
 
     def check_replicas(self) -> None:
-        """Replace replicas whose loop ended with an error (a dead actor) while restarts remain."""
+        """Drop replicas whose loop ended, then bring the count back to ``target``.
+
+        The restore never depends on Redis: a counter write that fails (Redis restarting) is retried
+        next round, so a job is never left with fewer replicas, or none, because of it.
+        """
+        self.reap()
+        self.restore_replicas()
+        if self.unwritten_restarts:
+            self.store.add(replica_restarts=self.unwritten_restarts)
+            self.unwritten_restarts = 0
+
+    def reap(self) -> None:
+        """Forget replicas whose loop returned (stopped on request) and kill those whose loop died:
+        an actor that outlives its loop would hold its CPUs and keep the replacement from starting."""
         for slot in list(self.replicas):
             ready, _ = ray.wait([slot.run_ref], timeout=0)
             if not ready:
                 continue
+            self.replicas.remove(slot)
             try:
                 ray.get(slot.run_ref)
-                self.replicas.remove(slot)  # stopped on request
-                continue
-            except RayError as exc:
-                log.warning("teacher replica %d died: %s", slot.index, type(exc).__name__)
-                self.replicas.remove(slot)
-            if self.stopping.is_set():
-                continue
-            if self.restarts >= self.spec.ray.max_replica_restarts:
-                if not self.replicas:
-                    reason = f"every teacher replica died and max_replica_restarts={self.restarts} is spent"
-                    self.store.request(abort=reason)
-                continue
-            self.restarts += 1
-            self.store.add(replica_restarts=1)
+            except Exception as exc:  # RayActorError (actor died) or RayTaskError (its loop raised)
+                log.warning("teacher replica %d died: %s", slot.index, _one_line(exc))
+                ray.kill(slot.handle, no_restart=True)
+                self.unreplaced += 1
+
+    def restore_replicas(self) -> None:
+        if self.stopping.is_set():
+            return
+        self.unreplaced = min(self.unreplaced, max(0, self.target - len(self.replicas)))
+        while len(self.replicas) < self.target:
+            if self.unreplaced:
+                if self.restarts >= self.spec.ray.max_replica_restarts:
+                    if not self.replicas:
+                        reason = f"every teacher replica died and max_replica_restarts={self.restarts} is spent"
+                        self.store.request(abort=reason)
+                    return
+                self.restarts += 1
+                self.unwritten_restarts += 1
+                self.unreplaced -= 1
             self.start_loop(self.add_replica(generation=self.restarts))
 
     def apply_scaling(self) -> None:
+        """Take up a ``teacher_replicas`` request: the next restore adds replicas, surplus ones stop."""
         wanted = self.store.control().get("teacher_replicas")
         if wanted is None or self.stopping.is_set():
             return
-        target = max(1, int(wanted))
-        while len(self.replicas) < target:
-            self.start_loop(self.add_replica(generation=self.restarts))
-        for slot in self.replicas[target:]:
+        self.target = max(1, int(wanted))
+        for slot in self.replicas[self.target :]:
             slot.handle.stop.remote()
 
     def publish_shards(self) -> None:
@@ -241,17 +271,21 @@ class Engine:
         self.store.drop_leases([f for f in self.store.leases() if f not in outstanding])
 
     def supervise(self, bar: tqdm | None) -> None:
+        """Every round runs each task, whatever the one before it did (a failed Redis call included)."""
         while not self.stopping.wait(SUPERVISE_EVERY_S):
-            try:
-                self.check_replicas()
-                self.apply_scaling()
-                self.publish_shards()
-                self.store.heartbeat("driver", replicas=len(self.replicas))
-                if bar is not None:
-                    bar.n = int(self.store.record().get("step", 0))
-                    bar.refresh()
-            except Exception:  # the supervisor must outlive one failed round; the next one retries
-                log.exception("supervision round failed")
+            for task in (self.check_replicas, self.apply_scaling, self.publish_shards, lambda: self.beat(bar)):
+                if self.stopping.is_set():
+                    break
+                try:
+                    task()
+                except Exception as exc:  # the supervisor must outlive one failed task; the next round retries
+                    log.warning("supervision: %s", _one_line(exc))
+
+    def beat(self, bar: tqdm | None) -> None:
+        self.store.heartbeat("driver", replicas=len(self.replicas))
+        if bar is not None:
+            bar.n = int(self.store.record().get("step", 0))
+            bar.refresh()
 
     def stop_replicas(self) -> None:
         self.stopping.set()
@@ -262,7 +296,10 @@ class Engine:
         refs = [s.run_ref for s in self.replicas if s.run_ref is not None]
         ray.wait(refs, num_returns=len(refs), timeout=30)
         left = ray.get([q.depth.remote() for q in self.queues])
-        self.store.add(batches_dropped=int(sum(left)))
+        try:
+            self.store.add(batches_dropped=int(sum(left)))
+        except redis.RedisError as exc:  # on the way out of a failure: the job's own error says more
+            log.warning("batches_dropped not counted: %s", _one_line(exc))
 
     def kill_all(self) -> None:
         for handle in [s.handle for s in self.replicas] + self.shards + self.queues:
@@ -278,6 +315,7 @@ class Engine:
             "resume_from": str(resume.path) if resume is not None else None,
             "checkpoints_before": self.checkpoints_before,
             "redis_url": self.store.url,
+            "ride_out_s": self.ride_out_s,
             "job_id": self.job_id,
             "shards": self.shards,
             "queues": self.queues,
@@ -316,21 +354,68 @@ def check_resources(spec: DistillSpec) -> None:
             )
 
 
-def transition(store: JobStore, state: JobState, **fields: Any) -> None:
-    """Every state change of a run goes through here."""
+def transition(store: JobStore, state: JobState, copy_to: Path | None = None, **fields: Any) -> None:
+    """Every state change of a run goes through here; with ``copy_to``, the durable copy follows it."""
     log.info("job %s: %s", store.job_id, state)
-    store.set_state(state, **fields)
+    try:
+        store.set_state(state, **fields)
+    except BaseException:
+        if copy_to is not None:  # Redis did not take it: the copy on disk still says what happened
+            durable.overlay_copy(copy_to, store.job_id, state=state, **fields)
+        raise
+    if copy_to is not None:
+        keep_copy(store, copy_to)
+
+
+def keep_copy(store: JobStore, out: Path) -> None:
+    """Refresh ``out/job.json`` from Redis; a copy that cannot be refreshed now is refreshed at the next change."""
+    try:
+        store.save_copy(out)
+    except (redis.RedisError, OSError) as exc:
+        log.warning("durable copy of job %s not refreshed: %s", store.job_id, _one_line(exc))
+
+
+def fail(store: JobStore, out: Path, exc: BaseException) -> None:
+    """Record FAILED with the cause; if that write fails too (Redis is gone), log it: the caller re-raises
+    the cause, which a second error must never hide."""
+    try:
+        transition(store, "FAILED", out, error=cause(exc))
+    except Exception as second:
+        log.error(
+            "job %s could not be recorded as FAILED (%s); its error: %s", store.job_id, _one_line(second), cause(exc)
+        )
+
+
+def cause(exc: BaseException) -> str:
+    """One line for the record: a Redis failure anywhere in the chain (a worker's included) wins."""
+    seen: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e in seen:
+            continue
+        seen.append(e)
+        if isinstance(e, (RedisUnavailable, RecordGone)):
+            return _one_line(e)
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+        todo += list(getattr(e, "worker_failures", {}).values())  # Ray Train's WorkerGroupError
+    return f"{type(exc).__name__}: {_one_line(exc)}"
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def admit(store: JobStore, spec: DistillSpec, out: Path) -> int | None:
     """Record the job (PENDING) and start its attempt (RUNNING); None if it was cancelled before it started."""
+    out.mkdir(parents=True, exist_ok=True)
     store.create(spec.model_dump(), state="PENDING", out=str(out), total_steps=spec.steps)
     if store.cancel_requested():  # nothing to run, nothing to lose
-        transition(store, "CANCELLED", error="")
+        transition(store, "CANCELLED", out, error="")
         return None
     attempt = store.next_attempt()
-    transition(store, "RUNNING", out=str(out), total_steps=spec.steps, error="")
-    out.mkdir(parents=True, exist_ok=True)
+    transition(store, "RUNNING", out, out=str(out), total_steps=spec.steps, error="")
     (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
     return attempt
 
@@ -347,6 +432,10 @@ def train(engine: Engine, resume: ResumePoint | None, progress: bool) -> tuple[t
         engine.stop_replicas()
         supervisor.join()
         bar.close()
+    stopped = (result.metrics or {}).get(STOPPED_BY)
+    if stopped:  # the student lost Redis (or the job's record) and stopped with a checkpoint
+        kind, _, message = stopped.partition(": ")
+        raise (RecordGone if kind == RecordGone.__name__ else RedisUnavailable)(message)
     engine.publish_shards()  # the final pool bookkeeping, with every replica stopped
     seconds = time.perf_counter() - started
     if result.checkpoint is None:
@@ -371,17 +460,18 @@ def run_job(
     before = ray_checkpoints(out / "ray_train")
     resume = decide_resume(out, spec.model_dump(), before)
     # 2. The record and the attempt.
-    store = JobStore(redis_url, job_id)
+    ride_out_s = get_redis_settings().redis_ride_out_s
+    store = JobStore(redis_url, job_id, ride_out_s=ride_out_s)
     attempt = admit(store, spec, out)
     if attempt is None:
         return RunResult(out=out, steps=0)
     # 3. Placement and training; any failure is the job's.
-    engine = Engine(plan, job_id, store, out, attempt, checkpoints_before=[p.name for p in before])
+    engine = Engine(plan, job_id, store, out, attempt, ride_out_s, checkpoints_before=[p.name for p in before])
     try:
         stats = engine.place(resume)
         model, steps, stats["train_seconds"] = train(engine, resume, progress)
     except BaseException as exc:
-        transition(store, "FAILED", error=f"{type(exc).__name__}: {exc}")
+        fail(store, out, exc)
         raise
     finally:
         engine.kill_all()
@@ -391,7 +481,7 @@ def run_job(
     ModelRegistry(store.r).register(
         f"job-{job_id}", str(out), job_id=job_id, arch=spec.student.arch, steps=steps, method=spec.method
     )
-    transition(store, "CANCELLED" if cancelled else "SUCCEEDED", step=steps)
+    transition(store, "CANCELLED" if cancelled else "SUCCEEDED", out, step=steps)
     return RunResult(out=out, steps=steps, metrics=metrics, resumed_from=resume.step if resume else 0)
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import ray
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +35,14 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A private ``redis-server`` process on 127.0.0.1. A job's metadata lives as long as the job, so
-    nothing is saved to disk unless ``persist`` (``dkdm up``: an append-only file in ``directory``)."""
+    """A private ``redis-server`` process on 127.0.0.1. Metadata only, so by default nothing is saved to
+    disk; with ``appendfsync`` ("everysec" as docker-compose's Redis and ``dkdm up``, "always" where a test
+    counts every write) it keeps an append-only file in ``directory`` and survives ``restart``."""
 
-    def __init__(self, port: int | None = None, directory: Path | None = None, persist: bool = False) -> None:
+    def __init__(self, port: int | None = None, directory: Path | None = None, appendfsync: str | None = None) -> None:
         self.port = port or free_port()
         self.directory = directory
-        self.persist = persist
+        self.appendfsync = appendfsync
         self.process: subprocess.Popen[bytes] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -57,18 +60,19 @@ class RedisServer:
         if self.directory is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="dkdm-redis-")
             self.directory = Path(self._tmp.name)
-        # Persisted: every write in the append-only file, fsynced each second (as docker-compose's Redis).
-        durable = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persist else ["--appendonly", "no"]
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *durable]
+        fsync = self.appendfsync
+        persist = ["--appendonly", "yes", "--appendfsync", fsync] if fsync else ["--appendonly", "no"]
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persist]
         args += ["--dir", str(self.directory), "--daemonize", "no", "--loglevel", "warning"]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1.0)
+        # A bare client: this loop is the retry (and must see the process exit), not the ride-out client's.
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1.0, retry=Retry(NoBackoff(), 0))
         while True:
             try:
                 client.ping()
                 break
-            except redis.ConnectionError:
+            except redis.ConnectionError:  # BusyLoadingError too: the append-only file is being replayed
                 if self.process.poll() is not None:
                     err = self.process.stderr.read().decode() if self.process.stderr else ""
                     raise RuntimeError(f"redis-server exited at start: {err.strip()}") from None
@@ -80,7 +84,8 @@ class RedisServer:
         log.info("started redis-server on 127.0.0.1:%d", self.port)
         return self
 
-    def stop(self) -> None:
+    def shutdown(self) -> None:
+        """Stop the process (SIGTERM: Redis flushes its append-only file), keeping its directory."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -89,6 +94,14 @@ class RedisServer:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+
+    def restart(self, timeout: float = 10.0) -> RedisServer:
+        """Stop and start again on the same port and directory (with ``appendonly``, the data survives)."""
+        self.shutdown()
+        return self.start(timeout)
+
+    def stop(self) -> None:
+        self.shutdown()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

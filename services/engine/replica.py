@@ -44,6 +44,7 @@ class TeacherReplica:
         threads: int = 0,
         redis_url: str | None = None,
         job_id: str | None = None,
+        ride_out_s: float | None = None,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
@@ -54,7 +55,7 @@ class TeacherReplica:
         runtime = replace(CPU_FP32, device=torch.device(device))
         rng = torch.Generator().manual_seed(self.plan.teacher_seed(index, generation))
         self.teacher = Teacher(load_teacher(self.plan, runtime.device), self.plan.build_chain(), rng, runtime)
-        self.store = JobStore(redis_url, job_id) if redis_url and job_id else None
+        self.store = JobStore(redis_url, job_id, ride_out_s=ride_out_s) if redis_url and job_id else None
         self.stop_event = threading.Event()
 
     @property

@@ -10,6 +10,7 @@ update does not depend on how the batch was sharded.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any
 import ray
 import ray.train
 import ray.train.torch
+import redis
 import torch
 import torch.distributed as dist
 
@@ -27,10 +29,14 @@ from dkdm_core.plan import JobPlan
 from dkdm_core.students import init_student
 from dkdm_core.training import Learner, StepLogs, read_logs
 from services.engine.loop import Knowledge
-from services.jobs.store import JobStore
+from services.jobs.client import RedisUnavailable
+from services.jobs.store import JobStore, RecordGone
+
+log = logging.getLogger(__name__)
 
 Fetch = Callable[[float], Knowledge | None]
 FETCH_SLICE_S = 1.0  # how long one wait on the queue lasts before control requests are checked
+STOPPED_BY = "stopped_by"  # reported with the last checkpoint of a rank that lost Redis: the job's error
 
 
 class JobAborted(RuntimeError):
@@ -67,6 +73,7 @@ class StudentRank:
         self.busy_seconds = 0.0
         self.started = time.perf_counter()
         self.last_logs: StepLogs = {}
+        self.stopped_by = ""  # the Redis error that stopped this rank, if one did
 
     @property
     def steps_done(self) -> int:
@@ -130,7 +137,17 @@ class StudentRank:
         path = save_checkpoint(root, self.steps_done, self.learner.ema.model, self.card, state)
         if self.out is not None:
             save_model(self.out, self.learner.ema.model, self.card)
+            self.save_copy()
         return path
+
+    def save_copy(self) -> None:
+        """The job record's durable copy beside the checkpoint; skipped (logged) while Redis is lost."""
+        if self.store is None or self.out is None or self.stopped_by:
+            return
+        try:
+            self.store.save_copy(self.out)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("durable copy of job %s not refreshed: %s", self.store.job_id, exc)
 
     def restore(self, state: dict[str, Any]) -> None:
         self.learner.load_state_dict(state)
@@ -171,7 +188,9 @@ class QueueFetch:
 
 
 def _report(loop: StudentRank, rank: int) -> None:
-    metrics = {"step": loop.steps_done, **read_logs(loop.last_logs)}
+    metrics: dict[str, Any] = {"step": loop.steps_done, **read_logs(loop.last_logs)}
+    if loop.stopped_by:
+        metrics[STOPPED_BY] = loop.stopped_by
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
@@ -219,7 +238,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
-    store = JobStore(config["redis_url"], config["job_id"])
+    store = JobStore(config["redis_url"], config["job_id"], ride_out_s=config["ride_out_s"])
     shards = config["shards"]
     fetch = QueueFetch(config["queues"][rank], store)
     loop = StudentRank(
@@ -235,5 +254,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if world > 1:
         loop.learner.forward = torch.nn.parallel.DistributedDataParallel(loop.learner.model)
     store.heartbeat(f"student-{rank}", step=loop.steps_done)
-    _train(loop, store, rank)
+    try:
+        _train(loop, store, rank)
+    except (RedisUnavailable, RecordGone) as exc:
+        if world > 1:  # a peer may wait in a collective: only Ray Train can stop the group now
+            raise
+        # One rank: stop here with a checkpoint, reported as a normal end, so Ray Train does not
+        # restart the rank against a Redis that is gone; the driver fails the job with this error.
+        loop.stopped_by = f"{type(exc).__name__}: {exc}"
+        _report(loop, rank)
+        return
     fetch.drop_pending()

@@ -17,6 +17,8 @@ there, they travel through the Ray object store. Every key of a job lives under 
     dkdm:job:{id}:consumed              set         knowledge batch ids a student rank consumed
     dkdm:job:{id}:queues                hash        student rank -> knowledge batches waiting in its queue
     dkdm:job:{id}:control               hash        requests to the running job: cancel, teacher_replicas
+    dkdm:job:{id}:writers               hash        writer (component thread) -> number of its last write,
+                                                    so a write retried after a lost reply applies once
     dkdm:job:{id}:heartbeat:{component} string      JSON {pid, host, time}; expires after HEARTBEAT_TTL_S
 """
 
@@ -90,6 +92,10 @@ def queues(job_id: str) -> str:
 
 def control(job_id: str) -> str:
     return f"{job(job_id)}:control"
+
+
+def writers(job_id: str) -> str:
+    return f"{job(job_id)}:writers"
 
 
 def heartbeat(job_id: str, component: str) -> str:

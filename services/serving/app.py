@@ -23,7 +23,6 @@ from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 import numpy as np
-import redis
 import torch
 from fastapi import Depends, FastAPI, HTTPException, Response, status
 from fastapi.security import HTTPAuthorizationCredentials
@@ -40,6 +39,7 @@ from dkdm_core.diffusion import Sampler
 from dkdm_core.sampling import draw, sampling_steps
 from services.auth import bearer, check_bearer
 from services.images import grid_image
+from services.jobs.client import redis_client
 from services.jobs.store import ModelRegistry
 from services.serving.settings import SamplingSettings
 
@@ -73,7 +73,7 @@ class SampleRequest(BaseModel):
 
 
 def _registry(redis_url: str) -> ModelRegistry:
-    return ModelRegistry(redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=10))
+    return ModelRegistry(redis_client(redis_url))
 
 
 @lru_cache(maxsize=256)
