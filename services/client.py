@@ -45,7 +45,8 @@ class ApiError(ClientError):
         self.status = status
         self.detail = detail
         self.retry_after = retry_after  # seconds, when a 503 said when to come back
-        self.exit_status = 2 if 400 <= status < 500 else 1
+        # 429 (too many jobs running) is the service's state, not a mistake in the request.
+        self.exit_status = 2 if 400 <= status < 500 and status != 429 else 1
         text = describe_detail(detail)
         if status == 401:
             text += " (the token is read from DKDM_API_TOKEN)"

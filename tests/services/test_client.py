@@ -77,8 +77,8 @@ def write_config(path: Path, **spec: Any) -> Path:
     return path
 
 
-def test_the_client_reads_every_field_the_server_sends() -> None:
-    assert set(JobView.model_fields) == set(ServerJobView.model_fields)
+def test_the_client_reads_only_fields_the_server_sends() -> None:
+    assert set(JobView.model_fields) <= set(ServerJobView.model_fields)  # the rest is kept as extra fields
 
 
 def test_a_422_is_one_line_naming_the_field(
