@@ -40,8 +40,8 @@ demo: install
 	@echo "demo outputs in runs/digits-dkdm: model.safetensors, samples.npz, samples.png, metrics.json, eval.json"
 
 lint: install
-	$(BIN)/ruff check dkdm_core services tests bench
-	$(BIN)/ruff format --check dkdm_core services tests bench
+	$(BIN)/ruff check dkdm_core services tests bench deploy
+	$(BIN)/ruff format --check dkdm_core services tests bench deploy
 
 typecheck: install
 	$(BIN)/mypy

@@ -1,4 +1,5 @@
-"""The ``dkdm`` command: teacher | autoencoder train | distill | sample | eval | export | classifier train | serve.
+"""The ``dkdm`` command: teacher | autoencoder train | distill | sample | eval | export | classifier train | serve
+| jobs.
 
 Errors a user can cause (missing files, bad configs, wrong shapes, unknown names) end in one line
 ``dkdm: error: ...`` and exit status 2, never a traceback. A service that fails under us (Redis, Ray)
@@ -25,6 +26,7 @@ from dkdm_core.data import from_uint8_nhwc, to_uint8_nhwc
 from dkdm_core.runtime import pick_device
 from dkdm_core.sampling import draw, sampling_steps
 from dkdm_core.spec import DistillSpec, TeacherTrainSpec, load_yaml, set_dotted
+from services.client import Client, ClientError, JobView
 
 log = logging.getLogger("dkdm")
 
@@ -333,6 +335,144 @@ def _add_services(sub: Any) -> None:
     p.set_defaults(func=cmd_up)
 
 
+# dkdm jobs: a thin front of services.client (DKDM_API_URL, DKDM_API_TOKEN, DKDM_SAMPLE_URL) --------
+
+
+# Spec fields that describe a local run; over the API the service chooses them (runs_dir/<id>, ray).
+SERVICE_CHOSEN = ("out", "engine")
+
+
+def _client() -> Client:
+    return Client.from_env()
+
+
+def _job_line(view: JobView) -> str:
+    done = f"{view.step}/{view.total_steps}"
+    return f"{view.id}  {view.state:<9}  {done:>11}  {view.progress:>4.0%}  {view.error}".rstrip()
+
+
+def _print_view(view: JobView, as_json: bool) -> None:
+    if as_json:
+        print(view.model_dump_json(indent=2))
+        return
+    print(_job_line(view))
+    for name, value in sorted(view.metrics.items()):
+        print(f"  {name}: {value:.6g}")
+
+
+def cmd_jobs_submit(args: argparse.Namespace) -> None:
+    data = load_yaml(args.config) if args.config else {}
+    dropped = [k for k in SERVICE_CHOSEN if data.pop(k, None) is not None]
+    if dropped:  # every bundled config names them for local runs: keep the file usable as it is
+        log.warning("%s from %s left out: the service chooses them", " and ".join(dropped), args.config)
+    created = _client().submit(apply_sets(data, args.set))
+    print(created.id)  # alone on stdout: ID=$(dkdm jobs submit ...)
+    print(f"submitted job {created.id}; follow it with: dkdm jobs status {created.id} --watch", file=sys.stderr)
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> None:
+    views = _client().jobs()
+    if args.json:
+        print(json.dumps([v.model_dump() for v in views], indent=2))
+        return
+    for view in views:
+        print(_job_line(view))
+
+
+def cmd_jobs_status(args: argparse.Namespace) -> None:
+    client = _client()
+    if not args.watch:
+        _print_view(client.job(args.id), args.json)
+        return
+    from tqdm import tqdm
+
+    views = client.watch(args.id, args.every)
+    last = next(views)
+    # The bar's rate is steps/s since watching began: `initial` keeps earlier steps out of it.
+    with tqdm(total=last.total_steps, initial=last.step, unit="step", desc=args.id) as bar:
+        bar.set_postfix_str(last.state)
+        for last in views:
+            bar.total = last.total_steps
+            bar.update(last.step - bar.n)
+            bar.set_postfix_str(last.state)
+    _print_view(last, args.json)
+    if last.state != "SUCCEEDED":
+        raise ClientError(f"job {last.id} ended {last.state}" + (f": {last.error}" if last.error else ""))
+
+
+def cmd_jobs_cancel(args: argparse.Namespace) -> None:
+    print(_job_line(_client().cancel(args.id)))
+
+
+def cmd_jobs_scale(args: argparse.Namespace) -> None:
+    print(_job_line(_client().scale(args.id, args.replicas)))
+
+
+def cmd_jobs_resume(args: argparse.Namespace) -> None:
+    print(_job_line(_client().resume(args.id)))
+
+
+def cmd_jobs_sample(args: argparse.Namespace) -> None:
+    if args.num < 1:
+        raise UsageError("--num must be at least 1")
+    if not args.out.endswith(".npz"):
+        raise UsageError("--out must name a .npz file")
+    arr = _client().sample(args.model, args.num, args.steps, args.sampler, args.seed)
+    if args.grid and arr.ndim != 4:
+        raise UsageError("--grid needs image samples")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, arr_0=arr)  # what `dkdm sample` writes: arr_0, uint8 NHWC for images
+    print(f"wrote {len(arr)} samples to {out}")
+    if args.grid:
+        from dkdm_core.data import from_uint8_nhwc
+        from services.images import save_grid
+
+        print(f"wrote grid to {save_grid(from_uint8_nhwc(arr)[:100], args.grid)}")
+
+
+def _add_jobs(sub: Any) -> None:
+    """jobs submit | list | status | cancel | scale | resume | sample: the REST API from the command line."""
+    jobs = sub.add_parser(
+        "jobs", help="submit and follow jobs on the control plane (DKDM_API_URL, DKDM_API_TOKEN, DKDM_SAMPLE_URL)"
+    ).add_subparsers(dest="jobs_command", required=True)
+    p = jobs.add_parser("submit", help="POST a job spec (the YAML of `dkdm distill`; out and engine are left out)")
+    p.add_argument("--config", help="YAML job spec")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec field, e.g. steps=500")
+    p.set_defaults(func=cmd_jobs_submit)
+    p = jobs.add_parser("list", help="the newest jobs: id, state, steps, progress")
+    p.add_argument("--json", action="store_true", help="the API's job views as JSON")
+    p.set_defaults(func=cmd_jobs_list)
+    p = jobs.add_parser("status", help="one job's state, progress and latest metrics")
+    p.add_argument("id")
+    p.add_argument(
+        "--watch", action="store_true", help="a progress bar until the job ends (exit status 1 unless it SUCCEEDED)"
+    )
+    p.add_argument("--every", type=float, default=1.0, help="seconds between polls with --watch")
+    p.add_argument("--json", action="store_true", help="the API's job view as JSON")
+    p.set_defaults(func=cmd_jobs_status)
+    for name, help_, func in (
+        ("cancel", "stop a job at its next log step (it keeps its checkpoint)", cmd_jobs_cancel),
+        ("resume", "start a stopped job again from its last checkpoint", cmd_jobs_resume),
+    ):
+        p = jobs.add_parser(name, help=help_)
+        p.add_argument("id")
+        p.set_defaults(func=func)
+    p = jobs.add_parser("scale", help="set a running job's number of teacher replicas")
+    p.add_argument("id")
+    p.add_argument("replicas", type=int)
+    p.set_defaults(func=cmd_jobs_scale)
+    p = jobs.add_parser("sample", help="draw samples from a served student into an .npz (uint8 NHWC, arr_0)")
+    p.add_argument("model", help="a registered student, e.g. job-<id> (GET /models lists them)")
+    p.add_argument("--num", type=int, required=True, help="number of samples (at most 256 per request)")
+    p.add_argument("--out", required=True, help="output .npz file")
+    p.add_argument("--grid", help="also write a PNG grid of the first 100")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    p.add_argument("--sampler", choices=["iddpm", "ddim"], default="iddpm", help="default: iddpm")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_jobs_sample)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dkdm", description="Data-free distillation of diffusion models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -340,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training(sub)
     _add_models(sub)
     _add_services(sub)
+    _add_jobs(sub)
     return parser
 
 
@@ -386,6 +527,8 @@ def _error_line(exc: BaseException) -> tuple[str, int] | None:
     ray_types: tuple[type, ...] = (ray_exceptions.RayError,) if ray_exceptions is not None else ()
     if ray_train is not None and hasattr(ray_train, "TrainingFailedError"):
         ray_types += (ray_train.TrainingFailedError,)
+    if isinstance(exc, ClientError):  # the API's answer or the URL that did not answer, already one line
+        return str(exc), exc.exit_status
     causes = _causes(exc)
     if isinstance(exc, user_errors) and not isinstance(exc, ray_types):
         return _one_line(exc), 2

@@ -9,6 +9,7 @@ Prometheus gives every scrape target, and a metric label of that name would be r
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterator
 
@@ -45,6 +46,8 @@ LOSS_TERMS = ("loss", "mse", "vlb")
 # Every metric name this module exports (dashboards and alerts are checked against it).
 EXPORTED = {
     "dkdm_jobs",
+    "dkdm_job_state",
+    "dkdm_job_teacher_replicas",
     "dkdm_job_step",
     "dkdm_job_total_steps",
     "dkdm_job_progress_ratio",
@@ -75,7 +78,8 @@ class EngineCollector(Collector):
             states[f.add_job(job_id, JobStore(self.url, job_id, client=self.r))] += 1
         for state in JOB_STATES:
             f.jobs.add_metric([state], states[state])
-        yield from (f.jobs, f.step, f.total, f.progress, f.loss, f.idle, f.pool, f.depth, f.fd, f.tfd)
+        yield from (f.jobs, f.state, f.replicas, f.step, f.total, f.progress, f.loss, f.idle, f.pool, f.depth)
+        yield from (f.fd, f.tfd)
         yield from f.counters.values()
 
 
@@ -84,6 +88,12 @@ class _Families:
 
     def __init__(self) -> None:
         self.jobs = GaugeMetricFamily("dkdm_jobs", "Jobs by state (the newest jobs)", labels=["state"])
+        # One series per job and state, 1 for the job's current state (a table or state timeline reads it).
+        self.state = GaugeMetricFamily("dkdm_job_state", "1 for the job's current state", labels=["job_id", "state"])
+        # Per-replica rates divide by it: the live driver's count, which scaling and restarts change.
+        self.replicas = GaugeMetricFamily(
+            "dkdm_job_teacher_replicas", "Teacher replicas of a running job", labels=["job_id"]
+        )
         self.step = GaugeMetricFamily("dkdm_job_step", "The student's current step", labels=["job_id"])
         self.total = GaugeMetricFamily("dkdm_job_total_steps", "The job's step budget", labels=["job_id"])
         self.progress = GaugeMetricFamily("dkdm_job_progress_ratio", "step / total_steps", labels=["job_id"])
@@ -108,6 +118,8 @@ class _Families:
         """One job's samples; returns its state."""
         record = store.record()
         state = record.get("state", "PENDING")
+        for known in JOB_STATES:
+            self.state.add_metric([job_id, known], float(known == state))
         s, n = float(record.get("step", 0)), float(record.get("total_steps", 0))
         self.step.add_metric([job_id], s)
         self.total.add_metric([job_id], n)
@@ -132,4 +144,8 @@ class _Families:
                     self.pool.add_metric([job_id, str(shard), str(band)], count)
             for rank, d in store.queue_depths().items():
                 self.depth.add_metric([job_id, str(rank)], d)
+            driver = store.r.get(keys.heartbeat(job_id, "driver"))  # expires with a dead driver
+            replicas = json.loads(driver).get("replicas") if driver is not None else None
+            if replicas is not None:
+                self.replicas.add_metric([job_id], float(replicas))
         return state

@@ -38,8 +38,9 @@ def test_prometheus_config_checks() -> None:
 
 
 def dashboard_metrics(dashboard: dict[str, Any]) -> set[str]:
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    exprs += [dashboard["templating"]["list"][0]["query"]["query"]]
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]  # rows have no targets
+    for variable in dashboard["templating"]["list"]:
+        exprs.append(variable["query"] if isinstance(variable["query"], str) else variable["query"]["query"])
     return {m for e in exprs for m in re.findall(r"\bdkdm_[a-z_]+\b", e)}
 
 
@@ -47,12 +48,32 @@ def test_dashboard_queries_only_exported_metrics() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     used = dashboard_metrics(dashboard)
     assert used and used <= exported_names(), used - exported_names()
-    for needed in ("dkdm_job_progress_ratio", "dkdm_job_loss", "dkdm_job_student_idle_ratio", "dkdm_job_pool_samples"):
+    first_asked = (
+        "dkdm_job_student_steps_total",  # student steps/s
+        "dkdm_job_teacher_evaluations_total",  # teacher samples/s ...
+        "dkdm_job_teacher_replicas",  # ... per replica
+        "dkdm_job_student_busy_seconds_total",  # pipeline efficiency
+        "dkdm_job_student_idle_ratio",
+        "dkdm_job_teacher_fd",  # the quality figure
+        "dkdm_job_state",
+    )
+    for needed in (*first_asked, "dkdm_job_progress_ratio", "dkdm_job_loss", "dkdm_job_pool_samples"):
         assert needed in used
     provisioned = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
     uid = provisioned["datasources"][0]["uid"]
-    assert all(p["datasource"]["uid"] == uid for p in dashboard["panels"])
-    assert (CHART / "dashboards" / "dkdm.json").read_text() == DASHBOARD.read_text()  # the chart ships the same
+    queried = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert queried and all(p["datasource"]["uid"] == uid for p in queried)
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+def test_checked_in_dashboards_are_the_generated_ones() -> None:
+    """Both copies (compose and the chart) are what `python -m deploy.dashboards` writes today."""
+    from deploy.dashboards import TARGETS, render
+
+    assert DASHBOARD in TARGETS and CHART / "dashboards" / "dkdm.json" in TARGETS
+    text = render()
+    for path in TARGETS:
+        assert path.read_text() == text, f"{path} is stale: run python -m deploy.dashboards"
 
 
 def values_paths(values: dict[str, Any], prefix: str = "") -> set[str]:

@@ -20,6 +20,7 @@ def test_collector_exports_every_declared_family_from_a_job_record() -> None:
         )
         store.set_shard(0, {"histogram": [3, 4]})
         store.set_queue_depths([2])
+        store.heartbeat("driver", replicas=3)
         registry = CollectorRegistry()
         registry.register(EngineCollector(store.r, server.url))
         families = {m.name for m in registry.collect()}
@@ -27,6 +28,9 @@ def test_collector_exports_every_declared_family_from_a_job_record() -> None:
     declared = {name.removesuffix("_total") for name in EXPORTED}
     assert families == declared
     assert 'dkdm_job_progress_ratio{job_id="abcdefabcdef"} 0.4' in text
+    assert 'dkdm_job_state{job_id="abcdefabcdef",state="RUNNING"} 1.0' in text
+    assert 'dkdm_job_state{job_id="abcdefabcdef",state="PENDING"} 0.0' in text
+    assert 'dkdm_job_teacher_replicas{job_id="abcdefabcdef"} 3.0' in text
     assert 'dkdm_job_teacher_fd{figure="score",job_id="abcdefabcdef"} 0.25' in text
     assert 'dkdm_job_pool_samples{band="1",job_id="abcdefabcdef",shard="0"} 4.0' in text
     assert (

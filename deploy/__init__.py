@@ -1,0 +1,1 @@
+"""Deployment files; ``python -m deploy.dashboards`` writes the Grafana dashboard."""
