@@ -41,7 +41,9 @@ def test_dkdm_sample_class_and_guidance_scale(tmp_path: Path) -> None:
     run_dkdm("sample", "--model", str(COND_TEACHER), "--num", "20", "--out", str(out), "--class", "3", "--steps", "25")
     images = from_uint8_nhwc(np.load(out)["arr_0"])
     assert (classify(images) == 3).float().mean() >= 0.8
-    bad = run_dkdm("sample", "--model", str(COND_TEACHER), "--num", "2", "--out", str(out), "--class", "10", check=False)
+    bad = run_dkdm(
+        "sample", "--model", str(COND_TEACHER), "--num", "2", "--out", str(out), "--class", "10", check=False
+    )
     assert bad.returncode == 2 and bad.stderr.strip().startswith("dkdm: error:") and "[0, 9]" in bad.stderr
 
 
