@@ -49,6 +49,34 @@ class RouterCard(BaseModel):
     edges: list[int]
 
 
+class ClassCard(BaseModel):
+    """A class-conditional model: labels 0..num-1, and whether it knows the null class of guidance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num: int = Field(ge=1)  # class labels 0..num-1 (digits: 10)
+    # True: label ``num`` means "no label" (trained with label dropout), so classifier-free guidance
+    # works. A diffusers UNet with num_class_embeds imports without one unless dkdm exported it.
+    null: bool = False
+    # w of ε_u + w(ε_c − ε_u) that samples are drawn with unless a request says otherwise; 1: none.
+    guidance_scale: float = Field(1.0, ge=0.0, le=100.0)
+
+    @property
+    def embeds(self) -> int:
+        """Rows of the network's label embedding: the classes and the null class."""
+        return self.num + (1 if self.null else 0)
+
+    @property
+    def null_label(self) -> int | None:
+        return self.num if self.null else None
+
+    @model_validator(mode="after")
+    def _guidance_needs_null(self) -> ClassCard:
+        if self.guidance_scale != 1.0 and not self.null:
+            raise ValueError("classes.guidance_scale other than 1 needs a model with a null class (null: true)")
+        return self
+
+
 class ModelCard(BaseModel):
     """What a model folder holds: enough to rebuild the network and its diffusion."""
 
@@ -69,6 +97,7 @@ class ModelCard(BaseModel):
     # hold it relative to the model folder (a copy travels with every model); loaded cards hold it
     # resolved to an absolute path.
     autoencoder: str | None = None
+    classes: ClassCard | None = None  # class-conditional models; None: unconditional
     info: dict[str, Any] = Field(default_factory=dict)  # provenance: command, steps, metrics
 
     @model_validator(mode="after")
@@ -145,10 +174,13 @@ def read_card(directory: str | Path) -> ModelCard:
 
 def build_from_card(card: ModelCard) -> nn.Module:
     """The (untrained) network a card describes: one registry model, or an O2MKD router of several."""
+    embeds = card.classes.embeds if card.classes is not None else 0
     if card.router is not None:
+        if embeds:
+            raise ValueError("O2MKD routers are not class-conditional")
         parts = [build_model(arch, card.channels, card.image_size, card.learn_sigma) for arch in card.router.archs]
         return TimestepRouter(parts, card.router.edges)
-    return build_model(card.arch, card.channels, card.image_size, card.learn_sigma)
+    return build_model(card.arch, card.channels, card.image_size, card.learn_sigma, embeds)
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
@@ -300,7 +332,12 @@ def diffusion_from_scheduler(sched: dict[str, Any], source: str) -> DiffusionSpe
 
 
 def export_diffusers(model: nn.Module, card: ModelCard, directory: str | Path) -> Path:
-    """Write a diffusers DDPMPipeline folder (UNet models only): loadable by ``DDPMPipeline``."""
+    """Write a diffusers DDPMPipeline folder (UNet models only): loadable by ``DDPMPipeline``.
+
+    A class-conditional UNet exports as a ``UNet2DModel`` with ``num_class_embeds`` (the null class
+    is its last row); ``dkdm_card.json`` says which row that is, so it imports back with guidance.
+    ``DDPMPipeline`` itself passes no labels: call the UNet with ``class_labels`` to sample by class.
+    """
     from diffusers import DDPMPipeline, DDPMScheduler
 
     if not isinstance(model, UNet):
@@ -339,8 +376,7 @@ def import_diffusers(directory: Path, device: str | torch.device = "cpu") -> tup
     learn_sigma = variance in ("learned", "learned_range")
     if net.config.out_channels != net.config.in_channels * (2 if learn_sigma else 1):
         raise CheckpointError(f"{unet_dir}: out_channels does not match variance_type {variance!r}")
-    if net.config.num_class_embeds is not None or net.config.class_embed_type is not None:
-        raise CheckpointError(f"{unet_dir}: class-conditional UNets (num_class_embeds) are not supported yet")
+    classes = _diffusers_classes(net.config, directory, unet_dir)
     model = UNet.wrap(net)
     card = ModelCard(
         arch=DIFFUSERS_ARCH,
@@ -348,11 +384,34 @@ def import_diffusers(directory: Path, device: str | torch.device = "cpu") -> tup
         image_size=int(net.config.sample_size),
         learn_sigma=learn_sigma,
         diffusion=diffusion,
+        classes=classes,
         info={"imported_from": str(directory)},
     )
     if (directory / "vae" / "config.json").is_file():  # a latent pipeline: samples decode through its vae
         card.autoencoder = str((directory / "vae").resolve())
     return model.to(device).eval(), card
+
+
+def _diffusers_classes(config: Any, directory: Path, unet_dir: Path) -> ClassCard | None:
+    """The classes of a diffusers UNet: ``num_class_embeds`` labels, no null class unless dkdm exported it."""
+    if config.class_embed_type is not None:
+        raise CheckpointError(
+            f"{unet_dir}: class_embed_type {config.class_embed_type!r} is not supported (use num_class_embeds)"
+        )
+    embeds = config.num_class_embeds
+    if embeds is None:
+        return None
+    exported = directory / "dkdm_card.json"
+    if exported.is_file():  # a dkdm export: its card says whether the last row is the null class
+        try:
+            card = json.loads(exported.read_text()).get("classes")
+            if card is not None:
+                classes = ClassCard.model_validate(card)
+                if classes.embeds == embeds:
+                    return classes
+        except ValueError as exc:
+            raise CheckpointError(f"{exported} is not a valid dkdm card: {exc}") from exc
+    return ClassCard(num=int(embeds))
 
 
 # training checkpoints ------------------------------------------------------------------------------

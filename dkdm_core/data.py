@@ -39,6 +39,13 @@ def load_dataset(name: DatasetName, generator: torch.Generator | None = None) ->
     raise ValueError(f"unknown dataset {name!r}; expected 'digits' or 'toy-2d'")
 
 
+def dataset_labels(name: DatasetName) -> torch.Tensor:
+    """A labelled dataset's class labels (N,), in ``load_dataset``'s order: what conditional teachers learn."""
+    if name == "digits":
+        return load_digits_tensor()[1]
+    raise ValueError(f"dataset {name!r} has no class labels; class-conditional teachers train on digits")
+
+
 def mix_real(
     synthetic: torch.Tensor, real: torch.Tensor, real_fraction: float, generator: torch.Generator
 ) -> torch.Tensor:

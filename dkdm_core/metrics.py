@@ -203,12 +203,15 @@ def teacher_features(
     seed: int = 0,
     t_fraction: float = FEATURE_T_FRACTION,
     batch_size: int = 256,
+    label: int | None = None,
 ) -> np.ndarray:
     """Features (N, D) float64 of samples ``x_0`` (N, *sample_shape) in the teacher's own space.
 
     ``diffusion`` is the teacher's unrespaced diffusion. Sample i is noised with the i-th draw of a
     generator seeded by ``seed`` whatever set it belongs to, so two sets see the same noise and the
-    distance between them is the samples', not the noise's.
+    distance between them is the samples', not the noise's. A class-conditional teacher is run with
+    one fixed ``label`` for every sample (its null class where it has one), so the features do not
+    depend on which class a sample was drawn for.
     """
     t = min(max(round(t_fraction * diffusion.num_timesteps), 1), diffusion.num_timesteps - 1)
     device = next(teacher.parameters()).device
@@ -222,7 +225,11 @@ def teacher_features(
         timesteps = torch.full((chunk.shape[0],), t, device=device, dtype=torch.long)
         captured: list[torch.Tensor] = []
         with _capture(layer, captured):
-            out = teacher(x_t.to(device=device, dtype=dtype), timesteps)
+            x_in = x_t.to(device=device, dtype=dtype)
+            if label is None:
+                out = teacher(x_in, timesteps)
+            else:
+                out = teacher(x_in, timesteps, torch.full_like(timesteps, label))
         feats.append((captured[-1] if captured else _pool(out.float())).cpu())  # (B, D)
     return torch.cat(feats).double().numpy()
 
@@ -246,15 +253,16 @@ class TeacherFeatureFD:
         reference: torch.Tensor,
         other: torch.Tensor,
         seed: int = 0,
+        label: int | None = None,
     ) -> None:
-        self.teacher, self.diffusion, self.seed = teacher, diffusion, seed
+        self.teacher, self.diffusion, self.seed, self.label = teacher, diffusion, seed, label
         self.ref_mu, self.ref_sigma = feature_statistics(self.features(reference))
         self.floor = self.fd(other)
         noise = torch.randn(reference.shape, generator=torch.Generator().manual_seed(seed + 1))
         self.ceiling = self.fd(noise)
 
     def features(self, x_0: torch.Tensor) -> np.ndarray:
-        return teacher_features(self.teacher, self.diffusion, x_0, self.seed)
+        return teacher_features(self.teacher, self.diffusion, x_0, self.seed, label=self.label)
 
     def fd(self, x_0: torch.Tensor) -> float:
         mu, sigma = feature_statistics(self.features(x_0))

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from dkdm_core.checkpoint import DIFFUSERS_ARCH, ModelCard, build_from_card
+from dkdm_core.checkpoint import DIFFUSERS_ARCH, ClassCard, ModelCard, build_from_card
 from dkdm_core.diffusion import GaussianDiffusion
-from dkdm_core.models import count_parameters
+from dkdm_core.guidance import Guidance
+from dkdm_core.models import VECTOR_MODELS, count_parameters
 from dkdm_core.objective import ObjectiveMode, resolve_objective
 from dkdm_core.pool import pool_size
 from dkdm_core.spec import POOL_METHODS, DistillSpec
@@ -83,6 +84,11 @@ class JobPlan(BaseModel):
     shard_sizes: tuple[int, ...]  # one entry per PoolShard (one for the local engine)
     rank_batch: int  # b / m: what one student rank trains on per step
     objective: ObjectiveMode  # ``spec.objective`` resolved for the teacher (auto: dkdm iff it learns Σ)
+    # Class-conditional teachers (``spec.classes`` resolved against the teacher's card): the classes
+    # pool samples are drawn from (empty: unconditional), the pool's guidance scale, the student's null share.
+    classes: tuple[int, ...] = ()
+    guidance_scale: float = 1.0
+    null_fraction: float = 0.0
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -97,6 +103,18 @@ class JobPlan(BaseModel):
 
     def teacher_seed(self, replica: int = 0, generation: int = 0) -> int:
         return teacher_seed(self.spec.seed, replica, generation)
+
+    @property
+    def pool_classes(self) -> tuple[int, ...] | None:
+        """What ``NoisePool(classes=...)`` takes: None for an unconditional teacher."""
+        return self.classes or None
+
+    def guidance(self) -> Guidance | None:
+        """How the teacher is run on labelled pool samples; None for an unconditional teacher."""
+        classes = self.teacher_card.classes
+        if classes is None:
+            return None
+        return Guidance(classes.num, self.guidance_scale, classes.null_label, self.null_fraction)
 
     def build_chain(self) -> GaussianDiffusion:
         """The chain the teacher steps along (its own scheduler: variance, parameterisation, clipping)
@@ -123,6 +141,41 @@ def _check_teacher(spec: DistillSpec, teacher: ModelCard) -> None:
         raise PlanError("o2mkd.boundaries", f"o2mkd.boundaries must lie inside (0, {t}) for a teacher with T = {t}")
     if spec.method == "data-based" and teacher.data is None:
         raise PlanError("method", "method data-based needs the teacher's dataset, and this teacher names none")
+    _check_classes(spec, teacher)
+
+
+def _check_classes(spec: DistillSpec, teacher: ModelCard) -> None:
+    """``spec.classes`` against the teacher's classes: an unconditional teacher takes none of it."""
+    c, classes = spec.classes, teacher.classes
+    if classes is None:
+        if not c.is_default:
+            raise PlanError("classes", "the teacher is not class-conditional: leave the classes section unset")
+        return
+    if spec.method != "dkdm":
+        raise PlanError("method", f"method {spec.method!r} does not support class-conditional teachers yet; use dkdm")
+    if spec.student.arch in VECTOR_MODELS:
+        raise PlanError("student.arch", f"{spec.student.arch} has no class embedding; use a unet-* or vit-* student")
+    bad = [label for label in c.labels or [] if not 0 <= label < classes.num]
+    if bad:
+        raise PlanError("classes.labels", f"classes.labels must be in [0, {classes.num - 1}], got {bad}")
+    if not classes.null and c.guidance_scale not in (None, 1.0):
+        raise PlanError("classes.guidance_scale", "the teacher has no null class, so no guidance: use 1")
+    if not classes.null and c.null_fraction:
+        raise PlanError("classes.null_fraction", "the teacher has no null class to teach the student")
+
+
+def _resolve_classes(spec: DistillSpec, teacher: ModelCard) -> dict[str, Any]:
+    """The plan's class fields: pool classes, guidance scale and the student's null share."""
+    classes = teacher.classes
+    if classes is None:
+        return {}
+    c = spec.classes
+    null_fraction = (c.null_fraction if c.null_fraction is not None else 0.1) if classes.null else 0.0
+    return {
+        "classes": tuple(c.labels if c.labels is not None else range(classes.num)),
+        "guidance_scale": c.guidance_scale if c.guidance_scale is not None else classes.guidance_scale,
+        "null_fraction": null_fraction,
+    }
 
 
 def _parameters(card: ModelCard) -> int | None:
@@ -148,6 +201,8 @@ def _provenance(
         info["pool_size"] = pool
     if spec.method in POOL_METHODS:
         info["objective"] = objective
+    if card.classes is not None:
+        info["classes"] = _resolve_classes(spec, teacher) | {"num": card.classes.num}
     return info
 
 
@@ -173,7 +228,13 @@ def make_plan(spec: DistillSpec, teacher_card: ModelCard, teacher_dir: str | Non
             f"({b // ranks}); use fewer shards",
         )
     objective = resolve_objective(spec.objective, teacher_card.learn_sigma) if spec.method in POOL_METHODS else "simple"
+    resolved = _resolve_classes(spec, teacher_card)
     card = student_card(spec, teacher_card)
+    if card.classes is not None:
+        # The student samples as the pool moved (the job's w); it keeps a null class only if it learns one.
+        null = resolved["null_fraction"] > 0
+        scale = resolved["guidance_scale"] if null else 1.0
+        card.classes = ClassCard(num=card.classes.num, null=null, guidance_scale=scale)
     card.info = _provenance(spec, teacher_card, card, chain, total, objective)
     return JobPlan(
         spec=spec,
@@ -186,4 +247,5 @@ def make_plan(spec: DistillSpec, teacher_card: ModelCard, teacher_dir: str | Non
         shard_sizes=tuple(sizes),
         rank_batch=b // ranks,
         objective=objective,
+        **resolved,
     )

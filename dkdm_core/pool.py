@@ -17,12 +17,16 @@ snapshot (``state_dict``) continues exactly where it stopped. Leases make the po
 a leased sample cannot be handed out again until its lease is put back (advanced) or released or
 expired (not advanced). Each lease has its own id, so an answer that arrives after its lease expired
 is refused rather than advancing samples a second time. Time is passed in (``now``), never read.
+
+Class-conditional pools (``classes``) keep each sample's class label beside it, drawn uniformly from
+the job's classes when a slot starts a trajectory (creation, initialisation, restart) and kept through
+lease, advance and snapshot: a trajectory is denoised under one label from T to 0.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -31,8 +35,8 @@ import torch
 Strategy = Literal["iterative", "shuffled", "dynamic"]
 # How a shuffled/dynamic pool gets its spread of t: shuffle denoise (the paper) or trajectory taps.
 PoolInit = Literal["shuffle", "trajectory"]
-# (x_t (B, ...), t (B,)) -> x_{t-1} (B, ...): one no-grad teacher step on the chain.
-DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (x_t (B, ...), t (B,), labels (B,) or None) -> x_{t-1} (B, ...): one no-grad teacher step on the chain.
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def pool_size(strategy: Strategy, batch_size: int, chain_length: int, rho: float) -> int:
@@ -44,12 +48,13 @@ def pool_size(strategy: Strategy, batch_size: int, chain_length: int, rho: float
 
 @dataclass(frozen=True)
 class Lease:
-    """Samples handed out for one teacher step: their pool ids, x̂_t and t."""
+    """Samples handed out for one teacher step: their pool ids, x̂_t, t and class labels."""
 
     lease_id: int
     ids: torch.Tensor  # (b,) long
     x_t: torch.Tensor  # (b, C, H, W)
     t: torch.Tensor  # (b,) long
+    labels: torch.Tensor | None = None  # (b,) long; None for an unconditional pool
 
 
 class StaleLeaseError(ValueError):
@@ -73,9 +78,12 @@ class NoisePool:
         chain_length: int,
         generator: torch.Generator,
         sync_free: bool | None = None,
+        classes: Sequence[int] | None = None,
     ) -> None:
         if size < 1 or chain_length < 1:
             raise ValueError("pool size and chain length must be positive")
+        if classes is not None and len(classes) == 0:
+            raise ValueError("a class-conditional pool needs at least one class")
         self.strategy: Strategy = strategy
         self.chain_length = chain_length
         self.sample_shape = tuple(sample_shape)
@@ -85,6 +93,9 @@ class NoisePool:
         self.x = torch.randn((size, *self.sample_shape), generator=generator, device=device)  # (N, C, H, W)
         self.t = torch.full((size,), chain_length - 1, dtype=torch.long, device=device)  # (N,)
         self.leased = torch.zeros(size, dtype=torch.bool, device=device)  # (N,)
+        # The class ids labels are drawn from; drawn after x so an unconditional pool draws as before.
+        self.classes = None if classes is None else torch.tensor(list(classes), dtype=torch.long, device=device)
+        self.labels = self._draw_labels(size)  # (N,) long, or None
         self.leases: dict[int, _Outstanding] = {}
         self.next_lease_id = 0
         # None: sync-free exactly when the pool is on a GPU (on a CPU there is no device to wait for,
@@ -97,6 +108,16 @@ class NoisePool:
         if self.sync_free:  # updated in place, so a recorded CUDA graph keeps counting on replay
             return torch.tensor(value, dtype=torch.long, device=self.device)
         return value
+
+    def _draw_labels(self, num: int) -> torch.Tensor | None:
+        """``num`` labels uniform over the pool's classes, from the pool's generator; None if unconditional."""
+        if self.classes is None:
+            return None
+        picks = torch.randint(0, self.classes.numel(), (num,), generator=self.generator, device=self.device)
+        return self.classes[picks]
+
+    def _labels_of(self, ids: torch.Tensor) -> torch.Tensor | None:
+        return None if self.labels is None else self.labels[ids]
 
     @property
     def finished(self) -> int:
@@ -129,7 +150,7 @@ class NoisePool:
             if active.numel() == 0:
                 return evaluations
             for ids in active.split(batch_size):
-                self.x[ids] = denoise(self.x[ids], self.t[ids])
+                self.x[ids] = denoise(self.x[ids], self.t[ids], self._labels_of(ids))
                 self.t[ids] -= 1
                 evaluations += ids.numel()
 
@@ -155,16 +176,20 @@ class NoisePool:
         lowest = lowest.scatter_reduce(0, trajectory, taps, "amin")
         # 2. Run every trajectory down from fresh noise, copying it into the slots that tap it.
         x = torch.randn((num, *self.sample_shape), generator=self.generator, device=self.device)  # (J, C, H, W)
+        labels = self._draw_labels(num)  # (J,): one class per trajectory, which all its slots keep
         evaluations = 0
         for step in reversed(range(chain)):
             hit = torch.nonzero(taps == step).squeeze(1)
             self.x[hit] = x[trajectory[hit]]
             self.t[hit] = step
+            if labels is not None and self.labels is not None:
+                self.labels[hit] = labels[trajectory[hit]]
             active = torch.nonzero(lowest < step).squeeze(1)
             if active.numel() == 0:
                 break
             for ids in active.split(batch_size):
-                x[ids] = denoise(x[ids], torch.full((ids.numel(),), step, dtype=torch.long, device=self.device))
+                t = torch.full((ids.numel(),), step, dtype=torch.long, device=self.device)
+                x[ids] = denoise(x[ids], t, None if labels is None else labels[ids])
                 evaluations += ids.numel()
         return evaluations
 
@@ -192,7 +217,8 @@ class NoisePool:
         lease_id = self.next_lease_id
         self.next_lease_id += 1
         self.leases[lease_id] = _Outstanding(ids=ids, deadline=now + timeout)
-        return Lease(lease_id=lease_id, ids=ids, x_t=self.x[ids], t=self.t[ids])  # indexing copies
+        # Indexing copies: the lease keeps its values whatever happens to the pool meanwhile.
+        return Lease(lease_id=lease_id, ids=ids, x_t=self.x[ids], t=self.t[ids], labels=self._labels_of(ids))
 
     def _free_ids(self, batch_size: int) -> torch.Tensor:
         """``batch_size`` ids of unleased samples: random (dynamic) or the first ones in order."""
@@ -233,6 +259,9 @@ class NoisePool:
             fresh = torch.randn(x_prev.shape, generator=self.generator, device=self.device)
             self.x[ids] = torch.where(restart.view(-1, *([1] * len(self.sample_shape))), fresh, x_prev)
             self.t[ids] = torch.where(restart, torch.full_like(t_prev, self.chain_length - 1), t_prev)
+            fresh_labels = self._draw_labels(ids.numel())
+            if fresh_labels is not None and self.labels is not None:  # a restarted trajectory draws a new class
+                self.labels[ids] = torch.where(restart, fresh_labels, self.labels[ids])
             assert isinstance(self._finished, torch.Tensor)
             self._finished.add_(restart.sum())
             return
@@ -242,6 +271,9 @@ class NoisePool:
         if done.numel():
             self.x[done] = torch.randn((done.numel(), *self.sample_shape), generator=self.generator)
             self.t[done] = self.chain_length - 1
+            fresh_labels = self._draw_labels(done.numel())
+            if fresh_labels is not None and self.labels is not None:  # a restarted trajectory draws a new class
+                self.labels[done] = fresh_labels
             self._finished = self.finished + done.numel()
 
     def release(self, lease_id: int) -> None:
@@ -264,7 +296,9 @@ class NoisePool:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Everything needed to continue exactly here; outstanding leases are returned unadvanced."""
+        labels = {} if self.labels is None else {"labels": self.labels.clone()}
         return {
+            **labels,
             "x": self.x.clone(),
             "t": self.t.clone(),
             "finished": torch.tensor(self.finished),
@@ -277,7 +311,11 @@ class NoisePool:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if int(state["chain_length"]) != self.chain_length or tuple(state["x"].shape[1:]) != self.sample_shape:
             raise ValueError("pool snapshot does not match this pool's chain length or sample shape")
+        if (self.labels is None) != ("labels" not in state):
+            raise ValueError("pool snapshot and pool disagree on class labels (conditional vs unconditional)")
         device = self.device
+        if self.labels is not None:
+            self.labels = state["labels"].to(device, copy=True)
         self.x = state["x"].to(device, copy=True)
         self.t = state["t"].to(device, copy=True)
         self.leased = torch.zeros(self.x.shape[0], dtype=torch.bool, device=device)

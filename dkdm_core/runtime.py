@@ -133,7 +133,7 @@ class FrozenTeacher(nn.Module):
     diffusion maths downstream never sees bf16.
     """
 
-    run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    run: Callable[..., torch.Tensor]
 
     def __init__(self, net: nn.Module, runtime: Runtime) -> None:
         super().__init__()
@@ -150,11 +150,11 @@ class FrozenTeacher(nn.Module):
         # Not a registered submodule: the compiled wrapper shares ``net``'s weights.
         self.__dict__["run"] = compiled(self.net, runtime)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = x_t.to(self.dtype)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = self.run(x, t)
+        out = self.run(x, t) if labels is None else self.run(x, t, labels)
         if out.dtype != torch.float32:
             return out.float().contiguous()
         return out.clone() if self.copy_out else out.contiguous()

@@ -279,6 +279,35 @@ class BaselineSpec(_Strict):
     synthetic_path: PathStr | None = None
 
 
+class TeacherClassesSpec(_Strict):
+    """A class-conditional teacher: trained on the dataset's labels, with label dropout for guidance."""
+
+    # Share of training labels replaced by the null class: the one network learns ε_u too, so
+    # classifier-free guidance works (Ho & Salimans use 0.1-0.2). 0: no null class, no guidance.
+    label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    # The scale written to the card: what samples (and distillation's pool) use unless told otherwise.
+    guidance_scale: float = Field(1.0, ge=0.0, le=100.0)
+
+
+class ClassesSpec(_Strict):
+    """Class-conditional distillation; with an unconditional teacher every field must stay unset.
+
+    The class count comes from the teacher's card (``classes.num``), never from here.
+    """
+
+    # w of the guided teacher steps that move the pool (ε_u + w(ε_c − ε_u)); None: the teacher card's.
+    guidance_scale: float | None = Field(None, ge=0.0, le=100.0)
+    # The classes pool samples are drawn from, uniformly; None: all of the teacher's classes.
+    labels: list[int] | None = Field(None, min_length=1)
+    # Share of each batch the student learns under the null label (target: the teacher's ε_u), so the
+    # student keeps the null class and can itself be guided; None: 0.1 when the teacher has one.
+    null_fraction: float | None = Field(None, ge=0.0, lt=1.0)
+
+    @property
+    def is_default(self) -> bool:
+        return self.guidance_scale is None and self.labels is None and self.null_fraction is None
+
+
 class TeacherTrainSpec(_Strict):
     """Data-based training with L_hybrid (Eq. 13): how the bundled teacher is made."""
 
@@ -288,6 +317,8 @@ class TeacherTrainSpec(_Strict):
     autoencoder: PathStr | None = None
     model: ModelSpec = ModelSpec()
     diffusion: DiffusionSpec = DiffusionSpec()
+    # Set: a class-conditional teacher on the dataset's labels (digits: 10 classes). None: unconditional.
+    classes: TeacherClassesSpec | None = None
     optim: OptimSpec = OptimSpec()
     vlb_weight: float = Field(0.001, ge=0)  # λ of Eq. (13), improved-diffusion's value
     steps: int = Field(10000, ge=1)
@@ -299,6 +330,9 @@ class TeacherTrainSpec(_Strict):
     @model_validator(mode="after")
     def _variance_fits_the_model(self) -> TeacherTrainSpec:
         self.diffusion.check_variance(self.model.learn_sigma)  # before training, not when the card is saved
+        c = self.classes
+        if c is not None and c.guidance_scale != 1.0 and c.label_dropout == 0:
+            raise ValueError("classes.guidance_scale other than 1 needs classes.label_dropout > 0 (a null class)")
         return self
 
 
@@ -313,6 +347,7 @@ class DistillSpec(_Strict):
     objective: ObjectiveChoice = "auto"
     vlb_weight: float = Field(0.001, ge=0)  # λ of Eq. (19)
     pool: PoolSpec = PoolSpec()
+    classes: ClassesSpec = ClassesSpec()  # class-conditional teachers only: guidance and labels
     o2mkd: O2MKDSpec = O2MKDSpec()
     boot: BootSpec = BootSpec()
     baseline: BaselineSpec = BaselineSpec()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dkdm_core.diffusion import GaussianDiffusion, ModelFn
+from dkdm_core.guidance import ConditionalFn, Guidance, both_predictions, combine, conditioned
 from dkdm_core.methods.o2mkd import TimestepRouter
 from dkdm_core.objective import LossTerms, ObjectiveMode, dkdm_loss, hybrid_loss
 from dkdm_core.pool import Lease, NoisePool, PoolInit
@@ -133,10 +134,10 @@ class Trainer:
         parts = model.parts if isinstance(model, TimestepRouter) else [model]
         self.clip_groups = [list(p.parameters()) for p in parts]
 
-    def run_student(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def run_student(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The student's output in fp32, its forward pass in the runtime's precision."""
         with self.runtime.autocast():
-            out = self.forward(x_t, t)
+            out = self.forward(x_t, t) if labels is None else self.forward(x_t, t, labels)
         return out.float()
 
     def optimizer_step(self, terms: LossTerms) -> StepLogs:
@@ -197,7 +198,11 @@ class Trainer:
 
 
 class DataTrainer(Trainer):
-    """Standard data-based training with L_hybrid (Fig. 2a): how teachers and baselines are trained."""
+    """Standard data-based training with L_hybrid (Fig. 2a): how teachers and baselines are trained.
+
+    With ``labels`` (N,) the model is class-conditional; each label is replaced by ``null_label``
+    with probability ``label_dropout`` (classifier-free guidance's joint training, Ho & Salimans Alg. 1).
+    """
 
     def __init__(
         self,
@@ -209,12 +214,30 @@ class DataTrainer(Trainer):
         vlb_weight: float = 0.001,
         device: torch.device | str = "cpu",
         runtime: Runtime | None = None,
+        labels: torch.Tensor | None = None,
+        label_dropout: float = 0.0,
+        null_label: int | None = None,
     ) -> None:
         super().__init__(model, optim, device, runtime)
+        if label_dropout > 0 and null_label is None:
+            raise ValueError("label dropout needs a null label")
         self.diffusion = diffusion
         self.data = data
         self.generator = generator
         self.vlb_weight = vlb_weight
+        self.labels = labels
+        self.label_dropout = label_dropout
+        self.null_label = null_label
+
+    def _batch_labels(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """The batch's labels, some dropped to the null class; drawn after the noise (unconditional: none)."""
+        if self.labels is None:
+            return None
+        labels = self.labels[idx]
+        if self.label_dropout > 0 and self.null_label is not None:
+            drop = torch.rand(idx.shape, generator=self.generator) < self.label_dropout
+            labels = torch.where(drop, torch.full_like(labels, self.null_label), labels)
+        return labels.to(self.device)
 
     def step(self) -> StepLogs:
         self.runtime.begin_step()
@@ -222,9 +245,10 @@ class DataTrainer(Trainer):
         idx = torch.randint(0, self.data.shape[0], (b,), generator=self.generator)
         t = torch.randint(0, self.diffusion.num_timesteps, (b,), generator=self.generator)
         noise = torch.randn((b, *self.data.shape[1:]), generator=self.generator)
+        labels = self._batch_labels(idx)
         x_start, t, noise = self.data[idx].to(self.device), t.to(self.device), noise.to(self.device)
         x_t = self.diffusion.q_sample(x_start, t, noise)  # (B, C, H, W)
-        out = self.diffusion.run_model(self.run_student, x_t, t)
+        out = self.diffusion.run_model(conditioned(self.run_student, labels), x_t, t)
         return self.optimizer_step(hybrid_loss(self.diffusion, out, x_start, x_t, t, noise, self.vlb_weight))
 
     def state_dict(self) -> dict[str, Any]:
@@ -280,33 +304,72 @@ class KnowledgeBatch:
     t: torch.Tensor  # (b,) chain indices
     teacher_output: torch.Tensor  # (b, k·C, H, W): ε_T (and v_T), in the student's terms (eps_output)
     x_prev: torch.Tensor  # (b, C, H, W): the teacher's one-step-denoised samples
+    # (b,) long: the labels the student is given with x_t (some the null class); None: unconditional.
+    labels: torch.Tensor | None = None
 
 
 @torch.no_grad()
 def teacher_step(
-    teacher: nn.Module,
+    teacher: ConditionalFn,
     chain: GaussianDiffusion,
     x_t: torch.Tensor,
     t: torch.Tensor,
     generator: torch.Generator,
     device: torch.device | str = "cpu",
+    labels: torch.Tensor | None = None,
+    guidance: Guidance | None = None,
 ) -> KnowledgeBatch:
     """One no-grad teacher call on the chain: outputs for the student, x̂_{t-1} for the pool.
 
     The noise is drawn where ``generator`` lives: a CPU generator gives the same noise on any device
     (the CPU and the Ray engine reproduce each other); a device generator draws it on the GPU with no
-    host round trip.
+    host round trip. ``labels``: a class-conditional teacher (see ``conditional_teacher_step``).
     """
     noise = torch.randn(x_t.shape, generator=generator, device=generator.device).to(device)
     x_dev, t_dev = x_t.to(device), t.to(device)
+    if labels is not None:
+        return conditional_teacher_step(teacher, chain, x_dev, t_dev, noise, labels.to(device), generator, guidance)
     out = chain.run_model(teacher, x_dev, t_dev)
     x_prev = chain.p_sample_step(out, x_dev, t_dev, noise)  # the teacher's own scheduler step
     target = chain.eps_output(out, x_dev, t_dev)  # v / x_0 / σ² teachers: the same step in ε terms
     return KnowledgeBatch(x_t=x_dev, t=t_dev, teacher_output=target, x_prev=x_prev)
 
 
+def conditional_teacher_step(
+    teacher: ConditionalFn,
+    chain: GaussianDiffusion,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    guidance: Guidance | None,
+) -> KnowledgeBatch:
+    """A class-conditional teacher step: the pool moves along the guided trajectory, the student learns
+    the teacher's conditional output (and, for a ``null_fraction`` share drawn after the noise, its
+    unconditional one under the null label), so a student sampled with the same guidance scale takes
+    the teacher's guided steps."""
+    model_t = chain.model_timesteps(t)
+    if guidance is None or not guidance.needs_unconditional or guidance.null_label is None:
+        out = teacher(x_t, model_t, labels)
+        x_prev = chain.p_sample_step(out, x_t, t, noise)
+        return KnowledgeBatch(x_t=x_t, t=t, teacher_output=chain.eps_output(out, x_t, t), x_prev=x_prev, labels=labels)
+    # 1. ε_c and ε_u in one batched call; Eq. (6) of classifier-free guidance moves the pool.
+    cond, uncond = both_predictions(teacher, x_t, model_t, labels, guidance.null_label)
+    x_prev = chain.p_sample_step(combine(cond, uncond, guidance.scale, x_t.shape[1]), x_t, t, noise)
+    target = chain.eps_output(cond, x_t, t)
+    if guidance.null_fraction <= 0:
+        return KnowledgeBatch(x_t=x_t, t=t, teacher_output=target, x_prev=x_prev, labels=labels)
+    # 2. Label dropout for the student: the null label, with the teacher's unconditional output as target.
+    drop = torch.rand(labels.shape, generator=generator, device=generator.device).to(labels.device)
+    drop = drop < guidance.null_fraction  # (b,)
+    target = torch.where(drop.view(-1, *([1] * (target.ndim - 1))), chain.eps_output(uncond, x_t, t), target)
+    student_labels = torch.where(drop, torch.full_like(labels, guidance.null_label), labels)
+    return KnowledgeBatch(x_t=x_t, t=t, teacher_output=target, x_prev=x_prev, labels=student_labels)
+
+
 def student_loss(
-    student: ModelFn,
+    student: ModelFn | ConditionalFn,
     chain: GaussianDiffusion,
     batch: KnowledgeBatch,
     vlb_weight: float,
@@ -314,7 +377,7 @@ def student_loss(
 ) -> LossTerms:
     """L*_DKDM (Eq. 19) of the student on one knowledge batch; ``chain`` may be the teacher's or the student's."""
     chain = chain.eps_view()  # the student predicts ε whatever the teacher predicts
-    out = chain.run_model(student, batch.x_t, batch.t)
+    out = chain.run_model(conditioned(student, batch.labels), batch.x_t, batch.t)
     return dkdm_loss(chain, out, batch.teacher_output, batch.x_t, batch.t, vlb_weight, mode)
 
 
@@ -344,9 +407,15 @@ class Teacher:
     """
 
     def __init__(
-        self, model: nn.Module, chain: GaussianDiffusion, generator: torch.Generator, runtime: Runtime | None = None
+        self,
+        model: nn.Module,
+        chain: GaussianDiffusion,
+        generator: torch.Generator,
+        runtime: Runtime | None = None,
+        guidance: Guidance | None = None,
     ) -> None:
         self.runtime = runtime or CPU_FP32
+        self.guidance = guidance  # a class-conditional teacher: guidance scale, null label, null share
         self.device = self.runtime.device
         self.model = model.to(self.device).eval().requires_grad_(False)
         # The teacher as it is called: in the runtime's precision, compiled if asked (fp32 CPU: itself).
@@ -355,25 +424,28 @@ class Teacher:
         self.generator = generator
         self.evaluations = 0
 
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """One teacher step of (x_t, t): x̂_{t-1}, on the teacher's device."""
         self.evaluations += x_t.shape[0]
-        return teacher_step(self.run, self.chain, x_t, t, self.generator, self.device).x_prev
+        return self.step(x_t, t, labels).x_prev
+
+    def step(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> KnowledgeBatch:
+        return teacher_step(self.run, self.chain, x_t, t, self.generator, self.device, labels, self.guidance)
 
     def init_pool(
         self, pool: NoisePool, teacher_batch_size: int, method: PoolInit = "shuffle", per_trajectory: int = 8
     ) -> int:
         """Spread ``pool`` over the chain (shuffled and dynamic strategies); returns teacher evaluations."""
 
-        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # the pool's DenoiseFn
-            return self.denoise(x_t, t).to(pool.device)
+        def denoise(x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:  # DenoiseFn
+            return self.denoise(x_t, t, labels).to(pool.device)
 
         return pool.initialise(denoise, teacher_batch_size, method, per_trajectory)
 
     def teach(self, lease: Lease) -> KnowledgeBatch:
         """One teacher call on a lease: the student's targets and the pool's replacements."""
         self.evaluations += lease.ids.numel()
-        return teacher_step(self.run, self.chain, lease.x_t, lease.t, self.generator, self.device)
+        return self.step(lease.x_t, lease.t, lease.labels)
 
     def state_dict(self) -> dict[str, Any]:
         return {"teacher_generator": self.generator.get_state(), "teacher_calls": self.evaluations}
@@ -398,11 +470,12 @@ class Distiller(Trainer):
         mode: ObjectiveMode = "dkdm",
         device: torch.device | str = "cpu",
         runtime: Runtime | None = None,
+        guidance: Guidance | None = None,
     ) -> None:
         # A pool on the GPU makes the whole step device work: recordable as one CUDA graph.
         super().__init__(student, optim, device, runtime, recordable=pool.device.type == "cuda")
         self.step_graph: StepGraph | None = None
-        self.teaching = Teacher(teacher, chain, teacher_generator, self.runtime)
+        self.teaching = Teacher(teacher, chain, teacher_generator, self.runtime, guidance)
         self.chain = chain
         self.pool = pool
         self.vlb_weight = vlb_weight
@@ -440,8 +513,7 @@ class Distiller(Trainer):
     def device_step(self) -> StepLogs:
         """``step``'s device work alone, what a recorded step replays: no Python counter moves here."""
         lease = self.pool.take(self.optim.batch_size)
-        teacher = self.teaching
-        batch = teacher_step(teacher.run, self.chain, lease.x_t, lease.t, teacher.generator, self.device)
+        batch = self.teaching.step(lease.x_t, lease.t, lease.labels)
         self.pool.put(lease.lease_id, batch.x_prev)
         terms = student_loss(self.run_student, self.chain, batch, self.vlb_weight, self.mode)
         return self.recorded_update(terms)
@@ -494,6 +566,7 @@ class Learner(Trainer):
             t=batch.t.to(self.device, non_blocking=True),
             teacher_output=batch.teacher_output.to(self.device, torch.float32, non_blocking=True),
             x_prev=batch.x_prev,
+            labels=None if batch.labels is None else batch.labels.to(self.device, non_blocking=True),
         )
         terms = student_loss(self.run_student, self.chain, batch, self.vlb_weight, self.mode)
         return {**self.optimizer_step(terms), **per_student(self.model, self.chain, batch.t, terms)}

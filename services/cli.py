@@ -119,7 +119,22 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if not args.out.endswith(".npz"):
         raise UsageError("--out must name a .npz file")
     model, card = load_model(_model_dir(args.model), pick_device(args.device))
-    samples = draw(model, card, args.num, args.seed, args.steps, args.sampler, args.batch_size)
+    if card.classes is None and (args.class_label is not None or args.guidance_scale is not None):
+        raise UsageError(f"{args.model} is not class-conditional: --class and --guidance-scale do not apply")
+    try:
+        samples = draw(
+            model,
+            card,
+            args.num,
+            args.seed,
+            args.steps,
+            args.sampler,
+            args.batch_size,
+            labels=args.class_label,
+            guidance_scale=args.guidance_scale,
+        )
+    except ValueError as exc:  # a class out of range, guidance for a model without a null class
+        raise UsageError(str(exc)) from exc
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if samples.ndim == 4:
@@ -284,6 +299,15 @@ def _add_models(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output .npz file")
     p.add_argument("--grid", help="also write a PNG grid of the first 100")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument(
+        "--class",
+        dest="class_label",
+        type=int,
+        help="class-conditional models: the class of every sample (default: each class in turn)",
+    )
+    p.add_argument(
+        "--guidance-scale", type=float, help="classifier-free guidance scale w (default: the model card's; 1: none)"
+    )
     _sampling_args(p)
     p.set_defaults(func=cmd_sample)
 

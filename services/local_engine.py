@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dkdm_core.checkpoint import ModelCard, list_checkpoints, load_model
-from dkdm_core.data import DatasetName, load_dataset, mix_real
+from dkdm_core.checkpoint import ClassCard, ModelCard, list_checkpoints, load_model
+from dkdm_core.data import DatasetName, dataset_labels, load_dataset, mix_real
 from dkdm_core.latent import (
     build_autoencoder,
     decode,
@@ -73,9 +73,14 @@ def train_teacher(spec: TeacherTrainSpec, progress: bool = True) -> RunResult:
             f"but {what} has {tuple(data.shape[1:])}"
         )
     m = spec.model
-    model = build_model(m.arch, m.channels, m.image_size, m.learn_sigma)
+    labels, classes = teacher_classes(spec)
+    model = build_model(m.arch, m.channels, m.image_size, m.learn_sigma, classes.embeds if classes else 0)
     diffusion = spec.diffusion.build(m.learn_sigma)
-    trainer = DataTrainer(model, diffusion, data, spec.optim, gen, spec.vlb_weight, device, runtime)
+    dropout = spec.classes.label_dropout if spec.classes else 0.0
+    null = classes.null_label if classes else None
+    trainer = DataTrainer(
+        model, diffusion, data, spec.optim, gen, spec.vlb_weight, device, runtime, labels, dropout, null
+    )
     card = ModelCard(
         arch=m.arch,
         channels=m.channels,
@@ -84,12 +89,26 @@ def train_teacher(spec: TeacherTrainSpec, progress: bool = True) -> RunResult:
         diffusion=spec.diffusion,
         data=spec.data,
         autoencoder=autoencoder,
+        classes=classes,
         info={"kind": "teacher", "parameters": count_parameters(model), "objective": "hybrid"},
     )
+    if spec.classes is not None:
+        card.info["label_dropout"] = spec.classes.label_dropout
     out = Path(spec.out)
     return run_training(
         trainer, card, spec.model_dump(), out, spec.steps, spec.run, spec.seed, resume, progress=progress
     )
+
+
+def teacher_classes(spec: TeacherTrainSpec) -> tuple[torch.Tensor | None, ClassCard | None]:
+    """A class-conditional teacher's training labels (N,) and card section; (None, None) if unconditional."""
+    if spec.classes is None:
+        return None, None
+    labels = dataset_labels(spec.data)
+    card = ClassCard(
+        num=int(labels.max()) + 1, null=spec.classes.label_dropout > 0, guidance_scale=spec.classes.guidance_scale
+    )
+    return labels, card
 
 
 def load_teacher(spec: DistillSpec, device: torch.device) -> tuple[nn.Module, JobPlan]:
@@ -104,11 +123,22 @@ def make_distiller(plan: JobPlan, teacher: nn.Module, runtime: Runtime) -> Disti
     spec = plan.spec
     pool_bytes = plan.pool_size * math.prod(plan.sample_shape) * 4
     pool_rng = pool_generator(runtime, plan.pool_seed(), pool_bytes)  # where the pool fits, it lives there
-    pool = NoisePool(spec.pool.strategy, plan.pool_size, plan.sample_shape, plan.chain_length, pool_rng)
+    pool = NoisePool(
+        spec.pool.strategy, plan.pool_size, plan.sample_shape, plan.chain_length, pool_rng, classes=plan.pool_classes
+    )
     teacher_rng = runtime.generator(plan.teacher_seed())
     student, chain = init_student(plan), plan.build_chain()
     return Distiller(
-        student, teacher, chain, pool, spec.optim, teacher_rng, spec.vlb_weight, plan.objective, runtime=runtime
+        student,
+        teacher,
+        chain,
+        pool,
+        spec.optim,
+        teacher_rng,
+        spec.vlb_weight,
+        plan.objective,
+        runtime=runtime,
+        guidance=plan.guidance(),
     )
 
 

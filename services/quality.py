@@ -70,4 +70,7 @@ def teacher_quality(
     key = str(resolve_path(teacher_path).resolve())
     reference, other = teacher_samples(teacher, teacher_card, key, run, seed, cache)
     diffusion = teacher_card.diffusion.build(teacher_card.learn_sigma)
-    return TeacherFeatureFD(teacher, diffusion, reference, other, seed).evaluate(student)
+    # A class-conditional teacher extracts features under its null class (else class 0), for every sample.
+    classes = teacher_card.classes
+    label = None if classes is None else (classes.null_label if classes.null_label is not None else 0)
+    return TeacherFeatureFD(teacher, diffusion, reference, other, seed, label).evaluate(student)

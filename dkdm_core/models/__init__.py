@@ -1,7 +1,8 @@
 """Denoiser architectures by name: the registry configs and the CLI validate against.
 
 Every model maps (x_t, t) to ε, or to ε and the variance interpolation v (``learn_sigma``),
-stacked on the channel axis. Factories take (in_channels, image_size, learn_sigma).
+stacked on the channel axis; class-conditional ones take (x_t, t, labels). Factories take
+(in_channels, image_size, learn_sigma, class_embeds); ``class_embeds`` 0 is unconditional.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dkdm_core.models.unet import (
 )
 from dkdm_core.models.vit import dit_b_2, dit_s_2, vit_small, vit_tiny
 
-ModelFactory = Callable[[int, int, bool], nn.Module]
+ModelFactory = Callable[[int, int, bool, int], nn.Module]
 
 MODELS: dict[str, ModelFactory] = {
     "unet-tiny": unet_tiny,
@@ -55,7 +56,7 @@ IMAGE_SIZES: dict[str, tuple[int, ...]] = {
 VECTOR_MODELS = frozenset({"mlp-small", "mlp-base"})
 
 
-def build_model(arch: str, in_channels: int, image_size: int, learn_sigma: bool) -> nn.Module:
+def build_model(arch: str, in_channels: int, image_size: int, learn_sigma: bool, class_embeds: int = 0) -> nn.Module:
     if arch not in MODELS:
         raise ValueError(f"unknown model {arch!r}; choose one of {', '.join(sorted(MODELS))}")
     sizes = IMAGE_SIZES.get(arch)
@@ -63,7 +64,7 @@ def build_model(arch: str, in_channels: int, image_size: int, learn_sigma: bool)
         raise ValueError(
             f"model {arch!r} is made for {' or '.join(f'{s}x{s}' for s in sizes)} images, not {image_size}"
         )
-    return MODELS[arch](in_channels, image_size, learn_sigma)
+    return MODELS[arch](in_channels, image_size, learn_sigma, class_embeds)
 
 
 def count_parameters(model: nn.Module) -> int:

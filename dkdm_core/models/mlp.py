@@ -24,11 +24,18 @@ class MLPDenoiser(nn.Module):
         return self.net(torch.cat([x_t, timestep_embedding(t, self.t_dim)], dim=1))  # (B, k·D)
 
 
-def mlp_small(in_channels: int, image_size: int, learn_sigma: bool) -> MLPDenoiser:
+def _unconditional(class_embeds: int) -> None:
+    if class_embeds:
+        raise ValueError("MLP denoisers have no class embedding; use a unet-* or vit-*/dit-* student")
+
+
+def mlp_small(in_channels: int, image_size: int, learn_sigma: bool, class_embeds: int = 0) -> MLPDenoiser:
     del image_size  # vectors have no spatial size
+    _unconditional(class_embeds)
     return MLPDenoiser(in_channels, learn_sigma, hidden=128, depth=3)
 
 
-def mlp_base(in_channels: int, image_size: int, learn_sigma: bool) -> MLPDenoiser:
+def mlp_base(in_channels: int, image_size: int, learn_sigma: bool, class_embeds: int = 0) -> MLPDenoiser:
     del image_size
+    _unconditional(class_embeds)
     return MLPDenoiser(in_channels, learn_sigma, hidden=256, depth=4)

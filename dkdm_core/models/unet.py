@@ -26,6 +26,7 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         attention_head_dim: int | None = None,
         time_scale_shift: str = "default",
+        class_embeds: int = 0,
     ) -> None:
         super().__init__()
         if len(block_out_channels) != len(attention_levels):
@@ -44,6 +45,9 @@ class UNet(nn.Module):
             attention_head_dim=attention_head_dim,  # None: one head over all channels (DDPM)
             dropout=dropout,
             resnet_time_scale_shift=time_scale_shift,  # "scale_shift": ADM's adaptive group norm
+            # Class-conditional: diffusers adds a learned label embedding to the time embedding, as in
+            # ADM; the null class of classifier-free guidance is one more embedding (ModelCard.classes).
+            num_class_embeds=class_embeds or None,
         )
 
     @classmethod
@@ -54,44 +58,71 @@ class UNet(nn.Module):
         model.net = net
         return model
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(x_t, t).sample  # type: ignore[operator]  # (B, k·C, H, W)
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(x_t, t, class_labels=labels).sample  # type: ignore[operator]  # (B, k·C, H, W)
 
 
-def unet_tiny(in_channels: int, image_size: int, learn_sigma: bool) -> UNet:
-    return UNet(in_channels, image_size, learn_sigma, (16, 32, 32), (False, True, False), layers_per_block=1)
+def unet_tiny(in_channels: int, image_size: int, learn_sigma: bool, class_embeds: int = 0) -> UNet:
+    return UNet(
+        in_channels,
+        image_size,
+        learn_sigma,
+        (16, 32, 32),
+        (False, True, False),
+        layers_per_block=1,
+        class_embeds=class_embeds,
+    )
 
 
-def unet_small(in_channels: int, image_size: int, learn_sigma: bool) -> UNet:
-    return UNet(in_channels, image_size, learn_sigma, (32, 64, 64), (False, True, True), layers_per_block=1)
+def unet_small(in_channels: int, image_size: int, learn_sigma: bool, class_embeds: int = 0) -> UNet:
+    return UNet(
+        in_channels,
+        image_size,
+        learn_sigma,
+        (32, 64, 64),
+        (False, True, True),
+        layers_per_block=1,
+        class_embeds=class_embeds,
+    )
 
 
-def unet_base(in_channels: int, image_size: int, learn_sigma: bool) -> UNet:
-    return UNet(in_channels, image_size, learn_sigma, (64, 128, 128), (False, True, True), layers_per_block=2)
+def unet_base(in_channels: int, image_size: int, learn_sigma: bool, class_embeds: int = 0) -> UNet:
+    return UNet(
+        in_channels,
+        image_size,
+        learn_sigma,
+        (64, 128, 128),
+        (False, True, True),
+        layers_per_block=2,
+        class_embeds=class_embeds,
+    )
 
 
 # Real-size presets, all with the learned-variance output when ``learn_sigma`` (2C channels).
 
 
-def ddpm_cifar10(in_channels: int, image_size: int, learn_sigma: bool) -> UNet:
+def ddpm_cifar10(in_channels: int, image_size: int, learn_sigma: bool, class_embeds: int = 0) -> UNet:
     """Ho et al.'s CIFAR-10 UNet (35.7M): channels 128·(1, 2, 2, 2), 2 blocks per level, attention at 16x16."""
-    return _ddpm(in_channels, image_size, learn_sigma, 128)
+    return _ddpm(in_channels, image_size, learn_sigma, 128, class_embeds)
 
 
-def ddpm_cifar10_half(in_channels: int, image_size: int, learn_sigma: bool) -> UNet:
-    return _ddpm(in_channels, image_size, learn_sigma, 64)
+def ddpm_cifar10_half(in_channels: int, image_size: int, learn_sigma: bool, class_embeds: int = 0) -> UNet:
+    return _ddpm(in_channels, image_size, learn_sigma, 64, class_embeds)
 
 
-def ddpm_cifar10_quarter(in_channels: int, image_size: int, learn_sigma: bool) -> UNet:
-    return _ddpm(in_channels, image_size, learn_sigma, 32)
+def ddpm_cifar10_quarter(in_channels: int, image_size: int, learn_sigma: bool, class_embeds: int = 0) -> UNet:
+    return _ddpm(in_channels, image_size, learn_sigma, 32, class_embeds)
 
 
-def _ddpm(in_channels: int, image_size: int, learn_sigma: bool, width: int) -> UNet:
+def _ddpm(in_channels: int, image_size: int, learn_sigma: bool, width: int, class_embeds: int) -> UNet:
     channels = (width, 2 * width, 2 * width, 2 * width)
-    return UNet(in_channels, image_size, learn_sigma, channels, (False, True, False, False), 2, norm_num_groups=32)
+    attention = (False, True, False, False)
+    return UNet(
+        in_channels, image_size, learn_sigma, channels, attention, 2, norm_num_groups=32, class_embeds=class_embeds
+    )
 
 
-def adm_64(in_channels: int, image_size: int, learn_sigma: bool) -> UNet:
+def adm_64(in_channels: int, image_size: int, learn_sigma: bool, class_embeds: int = 0) -> UNet:
     """An ADM-style 64x64 UNet (Dhariwal & Nichol): channels 128·(1, 2, 3, 4), 3 blocks per level,
     64-dim attention heads at 16x16 and 8x8, scale-shift timestep conditioning."""
     return UNet(
@@ -104,4 +135,5 @@ def adm_64(in_channels: int, image_size: int, learn_sigma: bool) -> UNet:
         norm_num_groups=32,
         attention_head_dim=64,
         time_scale_shift="scale_shift",
+        class_embeds=class_embeds,
     )

@@ -1,7 +1,8 @@
 """DiT-style vision transformer denoisers (Peebles & Xie, "Scalable Diffusion Models with Transformers").
 
 Patchify -> transformer blocks with adaLN-Zero conditioning on the timestep -> linear unpatchify.
-No class conditioning: dkdm distils unconditional teachers.
+Class-conditional variants add a label embedding to the timestep's (DiT's ``LabelEmbedder``); the
+null class of classifier-free guidance is its last row (``ModelCard.classes``).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class DiT(nn.Module):
         hidden: int = 128,
         depth: int = 4,
         heads: int = 4,
+        class_embeds: int = 0,
     ) -> None:
         super().__init__()
         if image_size % patch_size:
@@ -81,6 +83,7 @@ class DiT(nn.Module):
         self.patch_embed = nn.Conv2d(in_channels, hidden, patch_size, stride=patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid * self.grid, hidden))
         self.t_embed = TimestepEmbedder(hidden)
+        self.y_embed = nn.Embedding(class_embeds, hidden) if class_embeds else None
         self.blocks = nn.ModuleList(DiTBlock(hidden, heads) for _ in range(depth))
         self.norm_out = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
@@ -89,6 +92,8 @@ class DiT(nn.Module):
 
     def _init_weights(self) -> None:
         nn.init.normal_(self.pos_embed, std=0.02)
+        if self.y_embed is not None:
+            nn.init.normal_(self.y_embed.weight, std=0.02)  # DiT's label-table init
         # adaLN-Zero: every block starts as the identity, the output as zero.
         zeroed = [cast(DiTBlock, block).ada[-1] for block in self.blocks] + [self.ada_out[-1], self.proj_out]
         for layer in zeroed:
@@ -100,9 +105,13 @@ class DiT(nn.Module):
         x = x.reshape(b, g, g, p, p, c)  # (B, g, g, p, p, C')
         return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)  # (B, C', H, W)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = self.patch_embed(x_t).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
         c = self.t_embed(t)  # (B, D)
+        if self.y_embed is not None:
+            if labels is None:
+                raise ValueError("a class-conditional model needs class labels")
+            c = c + self.y_embed(labels)  # (B, D)
         for block in self.blocks:
             x = block(x, c)
         shift, scale = self.ada_out(c).chunk(2, dim=1)
@@ -110,19 +119,27 @@ class DiT(nn.Module):
         return self.unpatchify(x)
 
 
-def vit_tiny(in_channels: int, image_size: int, learn_sigma: bool) -> DiT:
-    return DiT(in_channels, image_size, learn_sigma, patch_size=2, hidden=64, depth=4, heads=4)
+def vit_tiny(in_channels: int, image_size: int, learn_sigma: bool, class_embeds: int = 0) -> DiT:
+    return DiT(
+        in_channels, image_size, learn_sigma, patch_size=2, hidden=64, depth=4, heads=4, class_embeds=class_embeds
+    )
 
 
-def vit_small(in_channels: int, image_size: int, learn_sigma: bool) -> DiT:
-    return DiT(in_channels, image_size, learn_sigma, patch_size=2, hidden=128, depth=6, heads=4)
+def vit_small(in_channels: int, image_size: int, learn_sigma: bool, class_embeds: int = 0) -> DiT:
+    return DiT(
+        in_channels, image_size, learn_sigma, patch_size=2, hidden=128, depth=6, heads=4, class_embeds=class_embeds
+    )
 
 
-def dit_s_2(in_channels: int, image_size: int, learn_sigma: bool) -> DiT:
+def dit_s_2(in_channels: int, image_size: int, learn_sigma: bool, class_embeds: int = 0) -> DiT:
     """DiT-S/2: hidden 384, 12 blocks, 6 heads, 2x2 patches (pixel 32x32x3 or latent 32x32x4)."""
-    return DiT(in_channels, image_size, learn_sigma, patch_size=2, hidden=384, depth=12, heads=6)
+    return DiT(
+        in_channels, image_size, learn_sigma, patch_size=2, hidden=384, depth=12, heads=6, class_embeds=class_embeds
+    )
 
 
-def dit_b_2(in_channels: int, image_size: int, learn_sigma: bool) -> DiT:
+def dit_b_2(in_channels: int, image_size: int, learn_sigma: bool, class_embeds: int = 0) -> DiT:
     """DiT-B/2: hidden 768, 12 blocks, 12 heads, 2x2 patches."""
-    return DiT(in_channels, image_size, learn_sigma, patch_size=2, hidden=768, depth=12, heads=12)
+    return DiT(
+        in_channels, image_size, learn_sigma, patch_size=2, hidden=768, depth=12, heads=12, class_embeds=class_embeds
+    )

@@ -54,7 +54,8 @@ class TeacherReplica:
         # fp32 and a CPU generator, as the local engine on the CPU: replica 0 reproduces its noise.
         runtime = replace(CPU_FP32, device=torch.device(device))
         rng = torch.Generator().manual_seed(self.plan.teacher_seed(index, generation))
-        self.teacher = Teacher(load_teacher(self.plan, runtime.device), self.plan.build_chain(), rng, runtime)
+        teacher = load_teacher(self.plan, runtime.device)
+        self.teacher = Teacher(teacher, self.plan.build_chain(), rng, runtime, self.plan.guidance())
         self.store = JobStore(redis_url, job_id, ride_out_s=ride_out_s) if redis_url and job_id else None
         self.stop_event = threading.Event()
 
@@ -70,7 +71,8 @@ class TeacherReplica:
         """
         spec, plan = self.plan.spec, self.plan
         rng = torch.Generator().manual_seed(plan.pool_seed(index))
-        pool = NoisePool(spec.pool.strategy, plan.shard_sizes[index], plan.sample_shape, plan.chain_length, rng)
+        size = plan.shard_sizes[index]
+        pool = NoisePool(spec.pool.strategy, size, plan.sample_shape, plan.chain_length, rng, classes=plan.pool_classes)
         spent = self.teacher.init_pool(pool, spec.teacher_batch_size, spec.pool.init, spec.pool.per_trajectory)
         if self.store is not None:
             self.store.add(pool_init_teacher_evaluations=spent)
@@ -80,7 +82,11 @@ class TeacherReplica:
         """One no-grad teacher call on a lease; every tensor of the result is on the CPU."""
         batch = self.teacher.teach(lease)
         return KnowledgeBatch(
-            x_t=batch.x_t.cpu(), t=batch.t.cpu(), teacher_output=batch.teacher_output.cpu(), x_prev=batch.x_prev.cpu()
+            x_t=batch.x_t.cpu(),
+            t=batch.t.cpu(),
+            teacher_output=batch.teacher_output.cpu(),
+            x_prev=batch.x_prev.cpu(),
+            labels=None if batch.labels is None else batch.labels.cpu(),
         )
 
     def run(self, shards: list[Any], queues: list[Any], attempt: int) -> dict[str, int]:

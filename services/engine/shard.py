@@ -28,7 +28,9 @@ class PoolShard:
         self.lease_timeout_s = plan.spec.ray.lease_timeout_s
         rng = torch.Generator().manual_seed(plan.pool_seed(index))
         size = plan.shard_sizes[index]
-        self.pool = NoisePool(plan.spec.pool.strategy, size, plan.sample_shape, plan.chain_length, rng)
+        self.pool = NoisePool(
+            plan.spec.pool.strategy, size, plan.sample_shape, plan.chain_length, rng, classes=plan.pool_classes
+        )
         self.advanced = 0  # samples replaced by a teacher step
         self.expired = 0  # leases released after their deadline
         self.stale = 0  # answers refused because their lease had expired

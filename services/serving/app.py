@@ -36,7 +36,7 @@ from ray.serve.handle import DeploymentHandle
 from dkdm_core.checkpoint import CheckpointError, count_parameters, read_card
 from dkdm_core.data import to_uint8_nhwc
 from dkdm_core.diffusion import Sampler
-from dkdm_core.sampling import draw, sampling_steps
+from dkdm_core.sampling import class_labels, draw, sampling_guidance, sampling_steps
 from services.auth import bearer, check_bearer
 from services.images import grid_image
 from services.jobs.client import redis_client
@@ -70,6 +70,24 @@ class SampleRequest(BaseModel):
     sampler: Sampler = "iddpm"
     seed: int = Field(0, ge=0, le=2**31 - 1)
     format: Literal["png", "npz", "json"] = "png"
+    # Class-conditional models: one class for every sample or one per sample (default: each class in
+    # turn), and the classifier-free guidance scale (default: the model card's).
+    class_labels: list[int] | None = Field(None, min_length=1, max_length=MAX_NUM)
+    guidance_scale: float | None = Field(None, ge=0.0, le=100.0)
+
+
+def _class_errors(card: Any, request: SampleRequest) -> list[dict[str, Any]]:
+    """422 details for class fields the model cannot take, each naming its field."""
+    errors = []
+    for field, check in (
+        ("class_labels", lambda: class_labels(card.classes, request.num, request.class_labels)),
+        ("guidance_scale", lambda: sampling_guidance(card.classes, request.guidance_scale)),
+    ):
+        try:
+            check()
+        except ValueError as exc:
+            errors.append({"loc": ["body", field], "msg": str(exc), "type": "value_error"})
+    return errors
 
 
 def _registry(redis_url: str) -> ModelRegistry:
@@ -136,9 +154,18 @@ class StudentSampler:
             raise KeyError(name)
         return load_model(entry["path"])
 
-    async def sample(self, num: int, steps: int, sampler: Sampler, seed: int) -> np.ndarray:
+    async def sample(
+        self,
+        num: int,
+        steps: int,
+        sampler: Sampler,
+        seed: int,
+        class_labels: list[int] | None = None,
+        guidance_scale: float | None = None,
+    ) -> np.ndarray:
         model, card = await self.get_model(serve.get_multiplexed_model_id())
-        x = draw(model, card, num, seed, steps, sampler)  # O2MKD routers, BOOT and latent models too
+        # O2MKD routers, BOOT, latent and class-conditional models too
+        x = draw(model, card, num, seed, steps, sampler, labels=class_labels, guidance_scale=guidance_scale)
         return to_uint8_nhwc(x) if x.ndim == 4 else x.numpy()
 
 
@@ -169,13 +196,21 @@ class SamplingAPI:
         if request.steps > card.diffusion.num_timesteps:
             detail = [{"loc": ["body", "steps"], "msg": f"at most the model's T = {card.diffusion.num_timesteps}"}]
             raise HTTPException(422, detail)
+        class_errors = _class_errors(card, request)
+        if class_errors:
+            raise HTTPException(422, class_errors)
         calls = sampling_steps(card, request.steps)
+        guidance = sampling_guidance(card.classes, request.guidance_scale)
+        if guidance is not None and guidance.scale != 1.0:
+            calls *= 2  # a guided step runs the network on the conditional and the null label
         too_costly = _too_costly(request.num, calls, _parameters(entry["path"]), self.settings.sampling_max_cost)
         if too_costly is not None:
             raise too_costly
         handle = self.sampler.options(multiplexed_model_id=name)
         try:
-            arr = await handle.sample.remote(request.num, request.steps, request.sampler, request.seed)
+            arr = await handle.sample.remote(
+                request.num, request.steps, request.sampler, request.seed, request.class_labels, request.guidance_scale
+            )
         except BackPressureError as exc:  # every replica busy and the wait list full: shed, do not queue
             retry = str(self.settings.sampling_retry_after_s)
             busy = f"all sampler replicas are busy; retry in {retry} s"

@@ -17,7 +17,7 @@ class CountingTeacher:
     def __init__(self) -> None:
         self.calls = 0
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         self.calls += x.shape[0]
         return x + 1
 

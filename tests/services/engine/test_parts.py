@@ -90,15 +90,23 @@ def test_batch_queue_is_bounded_and_wakes_waiters() -> None:
     assert q.close() == 0 and not q.put(4, 0.01)
 
 
-def test_replica_and_student_loops_reproduce_the_local_engine(tiny_teacher: Path, tmp_path: Path) -> None:
+COND_TEACHER = Path(__file__).resolve().parents[3] / "dkdm_core" / "assets" / "teachers" / "digits-cond"
+
+
+@pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "class-conditional"])
+def test_replica_and_student_loops_reproduce_the_local_engine(
+    tiny_teacher: Path, tmp_path: Path, conditional: bool
+) -> None:
     """Teacher half and student half run as separate objects joined by a queue give the local
-    engine's Algorithm 1 bit for bit: the same pool draws, teacher noise, batches and losses."""
-    spec = engine_spec(tiny_teacher, tmp_path / "out")
+    engine's Algorithm 1 bit for bit: the same pool draws, teacher noise, batches and losses.
+    A class-conditional teacher's labels travel with the leases and batches (guided, with a null share)."""
+    teacher = COND_TEACHER if conditional else tiny_teacher
+    spec = engine_spec(teacher, tmp_path / "out")
     distiller, _ = build_distiller(spec, torch.device("cpu"))
     distiller.init_pool(spec.teacher_batch_size)
     expected = [distiller.step()["loss"] for _ in range(12)]
 
-    plan = make_plan(spec, read_card(tiny_teacher), str(tiny_teacher))
+    plan = make_plan(spec, read_card(teacher), str(teacher))
     replica = TeacherReplica(plan=plan.model_dump(), index=0)  # as actors get it: serialised
     shard = PoolShard(plan=plan.model_dump(), index=0)
     shard.load_state_dict(replica.init_shard(0))
@@ -112,6 +120,9 @@ def test_replica_and_student_loops_reproduce_the_local_engine(tiny_teacher: Path
         got.append(student.step()["loss"])
     assert got == expected
     assert torch.equal(shard.pool.x, distiller.pool.x) and torch.equal(shard.pool.t, distiller.pool.t)
+    if conditional:
+        assert shard.pool.labels is not None and distiller.pool.labels is not None
+        assert torch.equal(shard.pool.labels, distiller.pool.labels)
 
 
 def test_job_store_on_a_real_redis(redis_url: str) -> None:

@@ -253,3 +253,23 @@ def test_o2mkd_routes_the_shared_pool_to_its_students_on_both_engines(
     assert result.steps == 12 and JobStore(redis_url, "o2mkd-2").state() == "SUCCEEDED"
     _, loaded = load_model(tmp_path / "ddp")
     assert loaded.router is not None and len(loaded.router.archs) == 4
+
+
+def test_a_class_conditional_job_matches_the_local_engine_on_ray(
+    ray_cluster: None, redis_url: str, tmp_path: Path
+) -> None:
+    """Labels travel in leases and knowledge batches: a guided job with a null share reproduces the local engine."""
+    teacher = Path(__file__).resolve().parents[3] / "dkdm_core" / "assets" / "teachers" / "digits-cond"
+    spec = engine_spec(teacher, tmp_path / "ray", steps=6, run__eval_samples=20, run__quality_samples=20)
+    run_job(spec, "classes", redis_url, progress=False)
+    threads = torch.get_num_threads()
+    try:
+        distill_local(spec.model_copy(update={"engine": "local", "out": str(tmp_path / "local")}), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["loss"] for r in logged(tmp_path / "ray")] == [
+        r["loss"] for r in logged(tmp_path / "local") if "loss" in r
+    ]
+    card = json.loads((tmp_path / "ray" / "config.json").read_text())
+    assert card["classes"] == {"num": 10, "null": True, "guidance_scale": 2.0}
+    assert JobStore(redis_url, "classes").state() == "SUCCEEDED"

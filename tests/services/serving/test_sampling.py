@@ -30,9 +30,10 @@ def sampling(tiny_teacher: Path) -> Iterator[tuple[str, int]]:
 
     parameters = count_parameters(tiny_teacher)
     with redis_server() as server, ray_head(num_cpus=2) as head:
-        ModelRegistry(redis.Redis.from_url(server.url, decode_responses=True)).register(
-            "tiny", str(tiny_teacher), arch="unet-tiny"
-        )
+        registry = ModelRegistry(redis.Redis.from_url(server.url, decode_responses=True))
+        registry.register("tiny", str(tiny_teacher), arch="unet-tiny")
+        cond = ROOT / "dkdm_core" / "assets" / "teachers" / "digits-cond"
+        registry.register("digits-cond", str(cond), arch="unet-small")
         env = cluster_env(
             DKDM_API_TOKEN=TOKEN,
             DKDM_REDIS_URL=server.url,
@@ -76,8 +77,11 @@ def test_sampling_needs_the_token_and_the_model_list_shows_no_paths(
     assert post(url, small, AUTH).status_code == 200
     listed = requests.get(f"{base}/v1/models", timeout=30)  # readable without the token
     assert listed.status_code == 200
-    assert listed.json() == {
-        "tiny": {"created": listed.json()["tiny"]["created"], "arch": "unet-tiny", "parameters": parameters}
+    assert set(listed.json()) == {"tiny", "digits-cond"}
+    assert listed.json()["tiny"] == {
+        "created": listed.json()["tiny"]["created"],
+        "arch": "unet-tiny",
+        "parameters": parameters,
     }
     assert str(tiny_teacher) not in listed.text and "/" not in json.dumps(listed.json())
 
@@ -105,3 +109,23 @@ def test_requests_beyond_the_bound_get_503_with_retry_after(sampling: tuple[str,
             break
     assert (503, str(RETRY_AFTER_S)) in statuses, statuses
     assert {code for code, _ in statuses} == {200, 503}, statuses
+
+
+def test_sampling_by_class_with_guidance_and_class_fields_checked(sampling: tuple[str, int]) -> None:
+    import numpy as np
+    import torch
+
+    from services.evaluation import load_classifier
+
+    base = sampling[0] + "/v1/models"
+    body = {"num": 8, "steps": 20, "format": "json", "class_labels": [4], "guidance_scale": 2.0}
+    r = post(f"{base}/digits-cond/samples", body, AUTH)
+    assert r.status_code == 200, r.text
+    arr = np.asarray(r.json()["samples"], dtype=np.uint8)  # (8, 8, 8, 1)
+    images = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with torch.no_grad():
+        assert (load_classifier()(images).argmax(1) == 4).float().mean() >= 0.75
+    r = post(f"{base}/digits-cond/samples", {"num": 2, "class_labels": [1, 2, 3]}, AUTH)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "class_labels"]
+    r = post(f"{base}/tiny/samples", {"num": 2, "guidance_scale": 3.0}, AUTH)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "guidance_scale"]
