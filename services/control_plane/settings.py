@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.auth import strong_enough
@@ -26,6 +26,15 @@ class Settings(BaseSettings):
     runs_dir: Path = PROJECT_ROOT / "runs" / "jobs"
     # Environment variables handed to every submitted job (besides DKDM_REDIS_URL).
     job_env: dict[str, str] = {}
+    # Bounds on what one POST /jobs may ask for (a refusal is a 422 naming the field).
+    job_max_steps: int = Field(1_000_000, ge=1)
+    job_max_chain_steps: int = Field(10_000, ge=2)
+    job_max_eval_samples: int = Field(50_000, ge=16)  # the paper's FID uses 50K samples
+    # Memory one job may need (bytes); unset: the Ray cluster's memory and object store in all when
+    # Ray answers, else this machine's memory.
+    job_memory_limit_bytes: int | None = Field(None, ge=1)
+    # Jobs PENDING or RUNNING at once; beyond, POST /jobs and resume answer 429 with Retry-After.
+    max_running_jobs: int = Field(4, ge=1)
 
     _strong_enough = field_validator("api_token")(strong_enough)
 
