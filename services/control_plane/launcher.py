@@ -66,21 +66,22 @@ class RayLauncher:
 
     def cluster_totals(self) -> dict[str, float] | None:
         """The alive nodes' resources in all (CPU, GPU, memory, object_store_memory), or None when Ray
-        does not answer; kept for a few seconds, so a burst of requests asks Ray once."""
+        does not answer (asked again next time); kept for a few seconds, so a burst of requests asks Ray once."""
         asked, totals = self._totals
-        if time.monotonic() - asked < CLUSTER_INFO_TTL_S:
+        if totals is not None and time.monotonic() - asked < CLUSTER_INFO_TTL_S:
             return totals
-        totals = None
         try:
             from ray.util.state import list_nodes
 
-            nodes = list_nodes(address=self.address, filters=[("state", "=", "ALIVE")], timeout=5)
-            if nodes:
-                totals = {}
-                for node in nodes:
-                    for name, value in (node.resources_total or {}).items():
-                        totals[name] = totals.get(name, 0.0) + float(value)
+            nodes = [n for n in list_nodes(address=self.address, timeout=5) if n.state == "ALIVE"]
         except Exception as exc:  # unreachable, or an older dashboard: the caller falls back
             log.info("no cluster resources from Ray at %s: %s", self.address, exc)
+            return None
+        if not nodes:  # a head still registering its node: no opinion yet (not kept)
+            return None
+        totals = {}
+        for node in nodes:
+            for name, value in (node.resources_total or {}).items():
+                totals[name] = totals.get(name, 0.0) + float(value)
         self._totals = (time.monotonic(), totals)
         return totals

@@ -138,11 +138,13 @@ def driver_died(job_id: str, submission: str, message: str, log_tail: str) -> st
     """One line for a driver that ended without writing its verdict, from Ray's multi-line report."""
     found = re.search(r"exit code (-?\d+)", message)
     code = int(found.group(1)) if found else None
-    if code is not None and code < 0:
+    # A signal shows as -N (the driver was Ray's child) or 128+N (a shell in between reported it).
+    signum = -code if code is not None and code < 0 else code - 128 if code is not None and code > 128 else None
+    if signum is not None:
         try:
-            why = f"killed by {signal.Signals(-code).name}"
+            why = f"killed by {signal.Signals(signum).name}"
         except ValueError:
-            why = f"killed by signal {-code}"
+            why = f"killed by signal {signum}"
     elif code is not None:
         lines = [ln for ln in log_tail.splitlines() if ln.strip()]
         why = f"exited with status {code}" + (f": {lines[-1].strip()}" if lines else "")

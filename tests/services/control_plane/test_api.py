@@ -177,6 +177,7 @@ def test_a_dead_driver_is_reported_in_one_line() -> None:
     line = driver_died("0123456789ab", "dkdm-0123456789ab", ray_message, "x\n" * 50)
     assert line.startswith("the driver (Ray job dkdm-0123456789ab) died: killed by SIGKILL; POST /jobs/")
     assert "\n" not in line
+    assert "died: killed by SIGKILL;" in driver_died("0123456789ab", "x", "failed with exit code 137, last", "")
     line = driver_died(
         "0123456789ab", "dkdm-0123456789ab-r1", "exit code 1, last logs:", "a\nservices.engine: error: x\n"
     )

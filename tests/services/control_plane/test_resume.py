@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import requests
 from ray.job_submission import JobSubmissionClient
-from ray.util.state import list_actors
+from ray.util.state import list_actors, list_nodes
 
 from dkdm_core.checkpoint import load_train_state
 from services.control_plane.settings import Settings
@@ -68,7 +68,9 @@ def test_a_killed_driver_is_reported_and_resume_finishes_the_job_from_its_checkp
 
 
 def run(api: str, dashboard: str, redis_url: str, teacher: Path, tmp: Path) -> None:
-    # The cluster's CPUs are known at POST time: a job that could never be placed is refused there.
+    # The cluster's CPUs are known at POST time: a job that could never be placed is refused there
+    # (once the head lists its node: it may still be registering it when the dashboard first answers).
+    poll("the head's node", lambda: list_nodes(address=dashboard, timeout=5), 60)
     too_big = requests.post(f"{api}/jobs", json=job_body(teacher, teacher_replicas=64), headers=AUTH)
     assert too_big.status_code == 422 and too_big.json()["detail"][0]["loc"] == ["body", "ray", "teacher_replicas"]
 
