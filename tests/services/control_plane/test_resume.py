@@ -92,13 +92,17 @@ def run(api: str, dashboard: str, redis_url: str, teacher: Path, tmp: Path) -> N
     # No actor of the job survives its driver: shards, queues, replicas, Ray Train's workers.
     ray_job = JobSubmissionClient(dashboard).get_job_info(first).job_id
 
-    def all_dead() -> bool:
-        actors = list_actors(address=dashboard, filters=[("job_id", "=", ray_job)], limit=1000)
-        return bool(actors) and all(a.state == "DEAD" for a in actors)
+    def survivors() -> list[str] | None:
+        """The job's actors still alive (by Ray job, and by the names the driver gives its own); None
+        while Ray lists none of them yet."""
+        actors = list_actors(address=dashboard, limit=10_000)
+        mine = [a for a in actors if a.job_id == ray_job or (a.name or "").startswith(f"dkdm-{job_id}-")]
+        return [f"{a.class_name} {a.name}" for a in mine if a.state != "DEAD"] if mine else None
 
-    poll("every actor of the job to die", all_dead, 120)
-    alive = list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], limit=1000)
-    assert not [a.name for a in alive if (a.name or "").startswith(f"dkdm-{job_id}-")]
+    deadline = time.monotonic() + 120
+    while (left := survivors()) != [] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert left == [], f"actors of the job alive after its driver died: {left}"
     before = store.counters()
     # The pool's advance count in each checkpoint the first run left (read now: the resumed run's
     # Ray Train keeps only the newest checkpoints).
