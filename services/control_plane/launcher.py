@@ -1,8 +1,13 @@
-"""Starting and watching engine runs through Ray's job submission API (what ``ray job submit`` uses)."""
+"""Starting and watching engine runs through Ray's job submission API (what ``ray job submit`` uses).
+
+A job may run several times (``POST /jobs/{id}/resume``); each run is its own Ray job, a *submission*,
+named ``dkdm-<job id>`` the first time and ``dkdm-<job id>-r<n>`` for the n-th resume.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from ray.job_submission import JobStatus, JobSubmissionClient
@@ -10,10 +15,12 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 log = logging.getLogger(__name__)
 
 ENTRYPOINT = "python -m services.engine --job-id {job_id} --quiet"
+CLUSTER_INFO_TTL_S = 10.0  # the cluster's totals, asked at most this often
 
 
-def submission_id(job_id: str) -> str:
-    return f"dkdm-{job_id}"
+def submission_id(job_id: str, run: int = 0) -> str:
+    """The Ray submission id of a job's ``run``-th run (0: the first)."""
+    return f"dkdm-{job_id}" if run == 0 else f"dkdm-{job_id}-r{run}"
 
 
 class RayLauncher:
@@ -21,6 +28,7 @@ class RayLauncher:
         self.address = address
         self.env = env
         self._client: JobSubmissionClient | None = None
+        self._totals: tuple[float, dict[str, float] | None] = (0.0, None)
 
     @property
     def client(self) -> JobSubmissionClient:
@@ -28,30 +36,52 @@ class RayLauncher:
             self._client = JobSubmissionClient(self.address)
         return self._client
 
-    def submit(self, job_id: str, resources: dict[str, float] | None = None) -> str:
+    def submit(self, job_id: str, submission: str) -> str:
         return self.client.submit_job(
             entrypoint=ENTRYPOINT.format(job_id=job_id),
-            submission_id=submission_id(job_id),
+            submission_id=submission,
             runtime_env={"env_vars": self.env},
         )
 
-    def status(self, job_id: str) -> tuple[str, str] | None:
-        """Ray's view of the run: (status, message), or None if Ray does not know it."""
+    def status(self, submission: str) -> tuple[str, str] | None:
+        """Ray's view of a submission: (status, message), or None if Ray does not know it."""
         try:
-            info: Any = self.client.get_job_info(submission_id(job_id))
+            info: Any = self.client.get_job_info(submission)
         except Exception:  # unknown id, or the cluster is unreachable: no opinion
             return None
         status = info.status.value if isinstance(info.status, JobStatus) else str(info.status)
         return status, info.message or ""
 
-    def stop(self, job_id: str) -> None:
+    def stop(self, submission: str) -> None:
         try:
-            self.client.stop_job(submission_id(job_id))
+            self.client.stop_job(submission)
         except Exception as exc:
-            log.warning("could not stop Ray job %s: %s", submission_id(job_id), exc)
+            log.warning("could not stop Ray job %s: %s", submission, exc)
 
-    def logs_tail(self, job_id: str, chars: int = 2000) -> str:
+    def logs_tail(self, submission: str, chars: int = 2000) -> str:
         try:
-            return str(self.client.get_job_logs(submission_id(job_id)))[-chars:]
+            return str(self.client.get_job_logs(submission))[-chars:]
         except Exception:
             return ""
+
+    def cluster_totals(self) -> dict[str, float] | None:
+        """The alive nodes' resources in all (CPU, GPU, memory, object_store_memory), or None when Ray
+        does not answer (asked again next time); kept for a few seconds, so a burst of requests asks Ray once."""
+        asked, totals = self._totals
+        if totals is not None and time.monotonic() - asked < CLUSTER_INFO_TTL_S:
+            return totals
+        try:
+            from ray.util.state import list_nodes
+
+            nodes = [n for n in list_nodes(address=self.address, timeout=5) if n.state == "ALIVE"]
+        except Exception as exc:  # unreachable, or an older dashboard: the caller falls back
+            log.info("no cluster resources from Ray at %s: %s", self.address, exc)
+            return None
+        if not nodes:  # a head still registering its node: no opinion yet (not kept)
+            return None
+        totals = {}
+        for node in nodes:
+            for name, value in (node.resources_total or {}).items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+        self._totals = (time.monotonic(), totals)
+        return totals

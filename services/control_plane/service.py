@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -14,10 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model,
 from dkdm_core.checkpoint import CheckpointError, ModelCard, read_card
 from dkdm_core.plan import JobPlan, PlanError, make_plan
 from dkdm_core.spec import POOL_METHODS, DistillSpec, RayEngineSpec
-from services.control_plane.launcher import RayLauncher
+from services.bounds import memory_parts, memory_refusal, resource_refusal, weights_bytes
+from services.control_plane.launcher import RayLauncher, submission_id
 from services.control_plane.settings import Settings
 from services.evaluation import resolve_path
-from services.jobs import durable
+from services.jobs import durable, keys
 from services.jobs.keys import TERMINAL_STATES
 from services.jobs.store import JobStore, ModelRegistry, list_jobs
 
@@ -93,6 +97,8 @@ class JobView(BaseModel):
     updated: float
     error: str
     out: str
+    submission: str  # the live submission (Ray job id): the one state, error and cancel follow
+    submissions: list[dict[str, Any]]  # every run of the job, oldest first: {id, submitted, outcome, error, ended}
     metrics: dict[str, float]
     counters: dict[str, float]
     checkpoints: list[str]
@@ -100,11 +106,52 @@ class JobView(BaseModel):
 
 
 class InvalidField(ValueError):
-    """A request field that validated but cannot be accepted (e.g. a teacher outside the model roots)."""
+    """A request field that validated but cannot be accepted (e.g. a teacher outside the model roots);
+    ``fields``: every field the message asks to change, ``field`` the first."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str | tuple[str, ...], message: str) -> None:
         super().__init__(message)
-        self.field = field
+        self.fields = (field,) if isinstance(field, str) else field
+        self.field = self.fields[0]
+
+
+class Conflict(RuntimeError):
+    """The job is not in a state the request applies to (resuming a running or finished job)."""
+
+
+class TooManyJobs(RuntimeError):
+    """``max_running_jobs`` are PENDING or RUNNING: a capacity limit, so the same request may pass later."""
+
+
+# The live states: a job in one of them has (or is about to have) a driver.
+LIVE_STATES = frozenset({"PENDING", "RUNNING"})
+RESUMABLE_STATES = frozenset({"FAILED", "CANCELLED"})
+ERROR_CHARS = 500  # a record's error is one line, at most this long
+
+
+def one_line(text: str, limit: int = ERROR_CHARS) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def driver_died(job_id: str, submission: str, message: str, log_tail: str) -> str:
+    """One line for a driver that ended without writing its verdict, from Ray's multi-line report."""
+    found = re.search(r"exit code (-?\d+)", message)
+    code = int(found.group(1)) if found else None
+    # A signal shows as -N (the driver was Ray's child) or 128+N (a shell in between reported it).
+    signum = -code if code is not None and code < 0 else code - 128 if code is not None and code > 128 else None
+    if signum is not None:
+        try:
+            why = f"killed by {signal.Signals(signum).name}"
+        except ValueError:
+            why = f"killed by signal {signum}"
+    elif code is not None:
+        lines = [ln for ln in log_tail.splitlines() if ln.strip()]
+        why = f"exited with status {code}" + (f": {lines[-1].strip()}" if lines else "")
+    else:
+        why = (message.strip().splitlines() or ["no reason given by Ray"])[0]
+    hint = f"; POST /jobs/{job_id}/resume continues it from its last checkpoint"
+    return one_line(f"the driver (Ray job {submission}) died: {why}", ERROR_CHARS - len(hint)) + hint
 
 
 class SubmitError(RuntimeError):
@@ -142,37 +189,123 @@ class JobService:
         except PlanError as exc:
             raise InvalidField(exc.field, exc.message) from exc
 
+    def check_limits(self, request: BaseModel) -> None:
+        """The control plane's own bounds (settings ``job_max_*``), before anything is read."""
+        s, spec = self.settings, request
+        limits = [
+            ("steps", spec.steps, s.job_max_steps, "job_max_steps"),  # type: ignore[attr-defined]
+            ("pool.chain_steps", spec.pool.chain_steps or 0, s.job_max_chain_steps, "job_max_chain_steps"),  # type: ignore[attr-defined]
+            ("run.eval_samples", spec.run.eval_samples, s.job_max_eval_samples, "job_max_eval_samples"),  # type: ignore[attr-defined]
+            ("run.quality_samples", spec.run.quality_samples, s.job_max_eval_samples, "job_max_eval_samples"),  # type: ignore[attr-defined]
+        ]
+        for field, value, limit, setting in limits:
+            if value > limit:
+                raise InvalidField(field, f"{field}={value} exceeds this service's limit of {limit} ({setting})")
+
+    def memory_limit(self, totals: dict[str, float] | None) -> tuple[int, str]:
+        """The memory one job may need, and where that figure comes from."""
+        if self.settings.job_memory_limit_bytes is not None:
+            return self.settings.job_memory_limit_bytes, "the setting job_memory_limit_bytes"
+        if totals and totals.get("memory"):
+            cluster = int(totals["memory"] + totals.get("object_store_memory", 0.0))
+            return cluster, "the Ray cluster's memory and object store"
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+
+    def check_cluster(self, plan: JobPlan) -> None:
+        """The job's CPUs and GPUs against the cluster (when Ray answers) and its memory against the limit."""
+        totals = self.launcher.cluster_totals()
+        refusal = resource_refusal(plan.spec, totals) if totals is not None else None
+        if refusal is None:
+            limit, source = self.memory_limit(totals)
+            refusal = memory_refusal(memory_parts(plan, weights_bytes(plan.teacher_dir)), limit, source)
+        if refusal is not None:
+            raise InvalidField(refusal.fields, refusal.message)
+
+    def running_jobs(self) -> int:
+        """Jobs PENDING or RUNNING (after reconciling each with Ray: a dead driver's job does not count)."""
+        ids = list_jobs(self.r, 100_000)
+        with self.r.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hgetall(keys.job(job_id))
+            records = pipe.execute()
+        live = 0
+        for job_id, record in zip(ids, records, strict=True):
+            if record.get("state") in LIVE_STATES and self.reconcile(job_id, record).get("state") in LIVE_STATES:
+                live += 1
+        return live
+
+    def check_capacity(self) -> None:
+        running = self.running_jobs()
+        if running >= self.settings.max_running_jobs:
+            raise TooManyJobs(
+                f"{running} jobs are pending or running and the limit is {self.settings.max_running_jobs} "
+                "(max_running_jobs); retry when one ends"
+            )
+
     def create(self, request: BaseModel) -> JobCreated:
         job_id = uuid.uuid4().hex[:12]
+        self.check_limits(request)
         plan = self.plan(request, job_id)
+        self.check_cluster(plan)
+        self.check_capacity()
         spec = plan.spec
         store = self.store(job_id)
+        first = submission_id(job_id)
         # The engine takes the plan from the record: it does not read the teacher's card again.
         fields = {"out": spec.out, "total_steps": spec.steps, "error": "", "plan": plan.model_dump_json()}
+        fields |= {"submission": first, "submissions": [{"id": first, "submitted": time.time()}]}
         store.create(spec.model_dump(), state="PENDING", **fields)
-        try:
-            self.launcher.submit(job_id)
-        except Exception as exc:
-            store.set_state("FAILED", error=f"could not submit to Ray at {self.launcher.address}: {exc}")
-            raise SubmitError(f"could not submit job {job_id} to Ray: {exc}") from exc
+        self.submit(store, first)
         return JobCreated(id=job_id, state="PENDING")
 
+    def submit(self, store: JobStore, submission: str) -> None:
+        try:
+            self.launcher.submit(store.job_id, submission)
+        except Exception as exc:
+            store.set_state("FAILED", error=one_line(f"could not submit to Ray at {self.launcher.address}: {exc}"))
+            raise SubmitError(f"could not submit job {store.job_id} to Ray: {one_line(str(exc))}") from exc
+
+    def resume(self, job_id: str) -> JobView | None:
+        """Run a FAILED or CANCELLED job again under a new submission: the engine continues from the
+        newest checkpoint in the job's output folder (student, pool and step count; counters go on)."""
+        store = self.store(job_id)
+        record = store.record()
+        if not record:
+            return None
+        record = self.reconcile(job_id, record)
+        state = record.get("state", "PENDING")
+        if state not in RESUMABLE_STATES:
+            raise Conflict(f"job {job_id} is {state}: only a FAILED or CANCELLED job can be resumed")
+        live = record.get("submission") or submission_id(job_id)
+        seen = self.launcher.status(live)
+        if seen is not None and seen[0] in ("PENDING", "RUNNING"):
+            raise Conflict(f"job {job_id}'s submission {live} is still {seen[0]} in Ray; wait for it to end")
+        self.check_capacity()
+        new = submission_id(job_id, max(1, len(store.submissions())))
+        store.clear_requests("cancel", "cancel_requested_at", "abort")  # the last run's, not this one's
+        if not store.begin_submission(new, allowed=RESUMABLE_STATES, state="PENDING", error=""):
+            raise Conflict(f"job {job_id} changed state meanwhile; look at it again")
+        self.submit(store, new)
+        return self.view(job_id)
+
     def reconcile(self, job_id: str, record: dict[str, str]) -> dict[str, str]:
-        """A record still PENDING/RUNNING whose Ray job ended without saying so gets Ray's verdict."""
+        """A record still PENDING/RUNNING whose live submission ended in Ray without saying so gets Ray's
+        verdict, in one line. Only the live submission counts: an older, failed one never overwrites
+        the state of the run that replaced it."""
         if record.get("state") in TERMINAL_STATES:
             return record
-        seen = self.launcher.status(job_id)
+        live = record.get("submission") or submission_id(job_id)
+        seen = self.launcher.status(live)
         if seen is None or seen[0] not in ("FAILED", "STOPPED"):
             return record
         store = self.store(job_id)
-        fresh = store.record()  # the engine may have written its verdict meanwhile
-        if fresh.get("state") in TERMINAL_STATES:
+        fresh = store.record()  # the engine may have written its verdict, or a resume begun, meanwhile
+        if fresh.get("state") in TERMINAL_STATES or (fresh.get("submission") or submission_id(job_id)) != live:
             return fresh
         if seen[0] == "STOPPED":
             store.set_state("CANCELLED", error="stopped through Ray")
         else:
-            tail = self.launcher.logs_tail(job_id).strip().splitlines()[-1:] or [""]
-            store.set_state("FAILED", error=f"Ray job failed: {seen[1]} {tail[0]}".strip())
+            store.set_state("FAILED", error=driver_died(job_id, live, seen[1], self.launcher.logs_tail(live)))
         return store.record()
 
     def recover(self, job_id: str) -> bool:
@@ -198,6 +331,9 @@ class JobService:
         out = record.get("out", "")
         run_dir = Path(out) / "ray_train" / "student"
         checkpoints = sorted(str(p) for p in run_dir.glob("checkpoint_*")) if out and run_dir.is_dir() else []
+        submissions = json.loads(record.get("submissions", "[]"))
+        if submissions and "outcome" not in submissions[-1] and record.get("state") in TERMINAL_STATES:
+            submissions[-1]["outcome"] = record["state"]  # the live one's outcome is the record's state
         return JobView(
             id=job_id,
             state=record.get("state", "PENDING"),
@@ -208,6 +344,8 @@ class JobService:
             updated=float(record.get("updated", 0)),
             error=record.get("error", ""),
             out=out,
+            submission=record.get("submission", submission_id(job_id)),
+            submissions=submissions,
             metrics=store.metrics(),
             counters={k: v for k, v in store.counters().items() if v},
             checkpoints=checkpoints,
@@ -227,9 +365,10 @@ class JobService:
             # started is stopped in Ray and marked at once.
             store.request(cancel=1, cancel_requested_at=time.time())
             if record.get("state") == "PENDING":
-                seen = self.launcher.status(job_id)
+                live = record.get("submission") or submission_id(job_id)
+                seen = self.launcher.status(live)
                 if seen is None or seen[0] == "PENDING":
-                    self.launcher.stop(job_id)
+                    self.launcher.stop(live)
                     store.set_state("CANCELLED", error="cancelled before it started")
         return self.view(job_id)
 

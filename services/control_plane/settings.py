@@ -27,6 +27,15 @@ class Settings(BaseSettings):
     runs_dir: Path = Path("runs") / "jobs"
     # Environment variables handed to every submitted job (besides DKDM_REDIS_URL).
     job_env: dict[str, str] = {}
+    # Bounds on what one POST /jobs may ask for (a refusal is a 422 naming the field).
+    job_max_steps: int = Field(1_000_000, ge=1)
+    job_max_chain_steps: int = Field(10_000, ge=2)
+    job_max_eval_samples: int = Field(50_000, ge=16)  # the paper's FID uses 50K samples
+    # Memory one job may need (bytes); unset: the Ray cluster's memory and object store in all when
+    # Ray answers, else this machine's memory.
+    job_memory_limit_bytes: int | None = Field(None, ge=1)
+    # Jobs PENDING or RUNNING at once; beyond, POST /jobs and resume answer 429 with Retry-After.
+    max_running_jobs: int = Field(4, ge=1)
 
     _strong_enough = field_validator("api_token")(strong_enough)
 

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from dkdm_core.checkpoint import TRAIN_STATE_FILE, load_model, load_train_state, read_card, save_model
 from dkdm_core.plan import JobPlan, make_plan
 from dkdm_core.spec import DistillSpec
+from services.bounds import resource_refusal
 from services.engine.batch_queue import BatchQueue
 from services.engine.replica import TeacherReplica
 from services.engine.shard import PoolShard
@@ -339,19 +340,30 @@ class Engine:
 
 def check_resources(spec: DistillSpec) -> None:
     """Fail at once, naming the fields, when the job can never be placed on this cluster."""
-    r = spec.ray
-    total = ray.cluster_resources()
-    for kind, need in (
-        ("CPU", r.teacher_replicas * r.teacher_cpus + r.students * r.student_cpus),
-        ("GPU", r.teacher_replicas * r.teacher_gpus + r.students * r.student_gpus),
-    ):
-        have = total.get(kind, 0.0)
-        if need > have + 1e-9:
-            low = kind.lower()
-            raise ValueError(
-                f"the job needs {need:g} {kind}s (ray.teacher_replicas x ray.teacher_{low}s + ray.students x "
-                f"ray.student_{low}s) but the Ray cluster has {have:g}; lower them (fractions are allowed)"
-            )
+    refusal = resource_refusal(spec, ray.cluster_resources())
+    if refusal is not None:
+        raise ValueError(refusal.message)
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for the job record: the cause the CLI would print (a Ray error's remote traceback is
+    reduced to its cause), else the exception's type and text."""
+    from services.cli import _error_line
+
+    found = _error_line(exc) if isinstance(exc, Exception) else None
+    text = found[0] if found is not None else f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())[:500]
+
+
+def refuse(redis_url: str, job_id: str, exc: BaseException) -> None:
+    """A job the engine refused before it started: its record (if the control plane wrote one) says
+    why. No record is created here: a job run without one leaves nothing behind."""
+    try:
+        store = JobStore(redis_url, job_id)
+        if store.exists():
+            transition(store, "FAILED", error=error_line(exc))
+    except Exception as store_exc:  # Redis is down too: the raised error still says why
+        log.warning("could not record why job %s was refused: %s", job_id, store_exc)
 
 
 def transition(store: JobStore, state: JobState, copy_to: Path | None = None, **fields: Any) -> None:
@@ -399,7 +411,7 @@ def cause(exc: BaseException) -> str:
             return _one_line(e)
         todo += [c for c in (e.__cause__, e.__context__) if c is not None]
         todo += list(getattr(e, "worker_failures", {}).values())  # Ray Train's WorkerGroupError
-    return f"{type(exc).__name__}: {_one_line(exc)}"
+    return error_line(exc)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -454,11 +466,16 @@ def run_job(
     ``plan``: the job's plan when the caller made it already (the control plane stores it with the job).
     """
     out = Path(spec.out).resolve()
-    # 1. Everything that can refuse the job, before anything is written or placed.
-    check_resources(spec)
-    plan = plan if plan is not None else plan_ray_job(spec)
-    before = ray_checkpoints(out / "ray_train")
-    resume = decide_resume(out, spec.model_dump(), before)
+    # 1. Everything that can refuse the job, before anything is written or placed; a refusal goes
+    #    to the job's record, so the job view shows it rather than the tail of Ray's log.
+    try:
+        check_resources(spec)
+        plan = plan if plan is not None else plan_ray_job(spec)
+        before = ray_checkpoints(out / "ray_train")
+        resume = decide_resume(out, spec.model_dump(), before)
+    except Exception as exc:
+        refuse(redis_url, job_id, exc)
+        raise
     # 2. The record and the attempt.
     ride_out_s = get_redis_settings().redis_ride_out_s
     store = JobStore(redis_url, job_id, ride_out_s=ride_out_s)

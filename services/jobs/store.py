@@ -142,6 +142,44 @@ class JobStore:
     def set_state(self, state: keys.JobState, **fields: Any) -> None:
         self.update(state=state, **fields)
 
+    # Submissions: each driver start of the job (a Ray job), the live one last ----------------------
+
+    def submissions(self) -> list[dict[str, Any]]:
+        """``[{id, submitted, outcome?, error?, ended?}]``, oldest first; the last one is the live one."""
+        return list(json.loads(self.r.hget(keys.job(self.job_id), "submissions") or "[]"))
+
+    def begin_submission(self, submission_id: str, allowed: frozenset[str] | None = None, **fields: Any) -> bool:
+        """Make ``submission_id`` the live submission (no-op if it already is), closing the one before with
+        the record's state and error as its outcome; with ``allowed``, only while the state is one of them
+        (checked and written atomically: two resumes cannot both pass). False: the state was not allowed."""
+        key = keys.job(self.job_id)
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    state, error, raw = pipe.hmget(key, "state", "error", "submissions")
+                    if state is None or (allowed is not None and state not in allowed):
+                        pipe.unwatch()
+                        return False
+                    subs = json.loads(raw or "[]")
+                    if subs and subs[-1]["id"] == submission_id:
+                        pipe.unwatch()
+                        return True
+                    if subs and "outcome" not in subs[-1]:
+                        subs[-1].update(outcome=state, error=error or "", ended=time.time())
+                    subs.append({"id": submission_id, "submitted": time.time()})
+                    mapping = {"submission": submission_id, "submissions": json.dumps(subs), **fields}
+                    pipe.multi()
+                    pipe.hset(key, mapping={k: _encode(v) for k, v in {**mapping, "updated": time.time()}.items()})
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
+
+    def clear_requests(self, *names: str) -> None:
+        """Forget control requests of an earlier run (``cancel``, ``abort``) before the job runs again."""
+        self.r.hdel(keys.control(self.job_id), *names)
+
     def next_attempt(self) -> int:
         """Count driver starts of this job; batch ids carry it so a resumed run never reuses one."""
         result = self._write((keys.job(self.job_id), "hincrby", "attempts", 1))

@@ -93,6 +93,97 @@ def test_method_fields_the_teacher_or_the_engine_cannot_take_get_422(api: str, t
     assert requests.get(f"{api}/jobs").json() == []
 
 
+@pytest.mark.parametrize(
+    ("change", "fields"),
+    [
+        ({"steps": 10**9}, [["body", "steps"]]),  # beyond job_max_steps
+        ({"pool": {"chain_steps": 10**6}}, [["body", "pool", "chain_steps"]]),  # beyond job_max_chain_steps
+        ({"pool": {"chain_steps": 1000}}, [["body", "pool", "chain_steps"]]),  # beyond the teacher's T = 100
+        ({"run": {"eval_samples": 10**8}}, [["body", "run", "eval_samples"]]),  # beyond job_max_eval_samples
+        # A pool of ρ·K·b = 10 x 100 x 4096 samples (4.1M, 2.2 GB with its snapshot) over the 1 GB limit.
+        (
+            {"pool": {"rho": 10.0, "chain_steps": 100}, "optim": {"batch_size": 4096}},
+            [["body", "pool", "rho"], ["body", "optim", "batch_size"], ["body", "pool", "chain_steps"]],
+        ),
+        ({"teacher_batch_size": 10**7}, [["body", "teacher_batch_size"]]),  # shuffle denoise's chunks
+        ({"ray": {"queue_size": 4096}, "optim": {"batch_size": 65536}}, [["body", "ray", "queue_size"]]),
+    ],
+)
+def test_jobs_beyond_the_limits_or_the_memory_get_422_before_anything_is_recorded(
+    own_redis: str, tmp_path: Path, tiny_teacher: Path, change: dict[str, Any], fields: list[list[str]]
+) -> None:
+    body = small_job(tiny_teacher)
+    for key, value in change.items():
+        body[key] = {**body[key], **value} if isinstance(value, dict) and key in body else value
+    limits = settings(own_redis, tmp_path, [tiny_teacher.parent], job_memory_limit_bytes=10**9)
+    with serve_api(limits) as url:
+        response = requests.post(f"{url}/jobs", json=body, headers=AUTH)
+        assert response.status_code == 422, response.text
+        detail = response.json()["detail"]
+        assert [e["loc"] for e in detail][: len(fields)] == fields
+        assert "\n" not in detail[0]["msg"]
+        assert requests.get(f"{url}/jobs").json() == []  # nothing recorded, nothing submitted
+        if "pool" in change and change["pool"].get("rho"):
+            assert "the limit is 1 GB (the setting job_memory_limit_bytes)" in detail[0]["msg"]
+
+
+def test_beyond_max_running_jobs_post_and_resume_get_429(own_redis: str, tmp_path: Path, tiny_teacher: Path) -> None:
+    from services.jobs.store import JobStore
+
+    JobStore(own_redis, "0123456789ab").create({"steps": 5}, state="RUNNING", total_steps=5)
+    JobStore(own_redis, "ba9876543210").create({"steps": 5}, state="FAILED", total_steps=5, error="boom")
+    with serve_api(settings(own_redis, tmp_path, [tiny_teacher.parent], max_running_jobs=1)) as url:
+        for call in (f"{url}/jobs", f"{url}/jobs/ba9876543210/resume"):
+            response = requests.post(call, json=small_job(tiny_teacher), headers=AUTH)
+            assert response.status_code == 429, response.text
+            assert int(response.headers["Retry-After"]) > 0 and "max_running_jobs" in response.text
+        assert JobStore(own_redis, "ba9876543210").state() == "FAILED"  # the refused resume changed nothing
+
+
+def test_resume_answers_404_409_and_records_each_submission(api: str, own_redis: str) -> None:
+    from services.jobs.store import JobStore
+
+    assert requests.post(f"{api}/jobs/0123456789ab/resume").status_code == 401
+    assert requests.post(f"{api}/jobs/0123456789ab/resume", headers=AUTH).status_code == 404
+    for job_id, state in (("aaaaaaaaaaaa", "RUNNING"), ("bbbbbbbbbbbb", "PENDING"), ("cccccccccccc", "SUCCEEDED")):
+        JobStore(own_redis, job_id).create({"steps": 5}, state=state, total_steps=5)
+        response = requests.post(f"{api}/jobs/{job_id}/resume", headers=AUTH)
+        assert response.status_code == 409 and state in response.json()["detail"]
+    first = "dkdm-dddddddddddd"
+    store = JobStore(own_redis, "dddddddddddd")
+    subs = [{"id": first, "submitted": 1.0}]
+    store.create(
+        {"steps": 5}, state="FAILED", total_steps=5, error="the driver died", submission=first, submissions=subs
+    )
+    store.request(cancel=1, abort="every teacher replica died")
+    # Ray is unreachable here: the resume is recorded, then fails to submit (503), in one line.
+    assert requests.post(f"{api}/jobs/dddddddddddd/resume", headers=AUTH).status_code == 503
+    view = requests.get(f"{api}/jobs/dddddddddddd").json()
+    assert view["state"] == "FAILED" and view["error"].startswith("could not submit to Ray")
+    assert view["submission"] == "dkdm-dddddddddddd-r1"
+    old, new = view["submissions"]
+    assert old["id"] == first and old["outcome"] == "FAILED" and old["error"] == "the driver died"
+    assert new["id"] == "dkdm-dddddddddddd-r1" and new["outcome"] == "FAILED"
+    assert store.control() == {}  # the last run's cancel and abort requests are gone
+
+
+def test_a_dead_driver_is_reported_in_one_line() -> None:
+    from services.control_plane.service import driver_died
+
+    ray_message = (
+        "Job entrypoint command failed with exit code -9, last available logs (truncated to 20,000 chars):\n"
+        + "some log line\n" * 50
+    )
+    line = driver_died("0123456789ab", "dkdm-0123456789ab", ray_message, "x\n" * 50)
+    assert line.startswith("the driver (Ray job dkdm-0123456789ab) died: killed by SIGKILL; POST /jobs/")
+    assert "\n" not in line
+    assert "died: killed by SIGKILL;" in driver_died("0123456789ab", "x", "failed with exit code 137, last", "")
+    line = driver_died(
+        "0123456789ab", "dkdm-0123456789ab-r1", "exit code 1, last logs:", "a\nservices.engine: error: x\n"
+    )
+    assert "died: exited with status 1: services.engine: error: x;" in line
+
+
 def test_unknown_and_malformed_job_ids(api: str) -> None:
     assert requests.get(f"{api}/jobs/0123456789ab").status_code == 404
     assert requests.post(f"{api}/jobs/0123456789ab/cancel", headers=AUTH).status_code == 404

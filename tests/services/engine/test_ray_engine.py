@@ -211,6 +211,16 @@ def test_a_job_too_big_for_the_cluster_fails_at_once_and_writes_nothing(
     with pytest.raises(ValueError, match=r"ray.teacher_replicas x ray.teacher_cpus"):
         run_job(spec, "too-big", redis_url, progress=False)
     assert not JobStore(redis_url, "too-big").exists() and not (tmp_path / "out").exists()
+    # A job the control plane recorded: every refusal before the start is written to its record, in one line.
+    unreadable = engine_spec(tmp_path, tmp_path / "out")  # no model folder as the teacher
+    for job_id, refused, match in (("too-big-2", spec, "ray.teacher_replicas x"), ("no-teacher", unreadable, "")):
+        store = JobStore(redis_url, job_id)
+        store.create(refused.model_dump(), state="PENDING")
+        with pytest.raises(Exception, match=match):
+            run_job(refused, job_id, redis_url, progress=False)
+        record = store.record()
+        assert record["state"] == "FAILED" and match in record["error"] and "\n" not in record["error"]
+        assert record["error"] and not (tmp_path / "out").exists()
 
 
 def test_dkdm_distill_engine_ray_starts_and_stops_its_own_redis(
