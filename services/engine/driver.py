@@ -400,17 +400,11 @@ def fail(store: JobStore, out: Path, exc: BaseException) -> None:
 
 def cause(exc: BaseException) -> str:
     """One line for the record: a Redis failure anywhere in the chain (a worker's included) wins."""
-    seen: list[BaseException] = []
-    todo = [exc]
-    while todo:
-        e = todo.pop(0)
-        if e in seen:
-            continue
-        seen.append(e)
+    from services.cli import _causes
+
+    for e in _causes(exc):
         if isinstance(e, (RedisUnavailable, RecordGone)):
             return _one_line(e)
-        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
-        todo += list(getattr(e, "worker_failures", {}).values())  # Ray Train's WorkerGroupError
     return error_line(exc)
 
 
