@@ -189,6 +189,10 @@ class RunSpec(_Strict):
     # Samples per side of the teacher-feature FD (student vs teacher in the teacher's own features);
     # the teacher's two calibration sets are drawn once and cached under OUT/quality. 0: skip it.
     quality_samples: int = Field(256, ge=0)
+    # The same figure of the EMA student every N steps while training (0: only at the end), logged
+    # as {"step", "quality"} in OUT/log.jsonl and published as the job's metric, so the dashboard
+    # shows it over steps. Each costs quality_samples student samples (the teacher's are cached).
+    quality_every: int = Field(0, ge=0)
     sample_steps: int = Field(50, ge=1, le=10000)  # the paper's 50 IDDPM steps in pixel space
     sampler: Sampler = "iddpm"
     threads: int = Field(0, ge=0)  # torch CPU threads; 0 leaves torch's default

@@ -74,3 +74,10 @@ def teacher_quality(
     classes = teacher_card.classes
     label = None if classes is None else (classes.null_label if classes.null_label is not None else 0)
     return TeacherFeatureFD(teacher, diffusion, reference, other, seed, label).evaluate(student)
+
+
+def quality_at(model: nn.Module, card: ModelCard, run: RunSpec, seed: int, out: Path, step: int) -> dict[str, float]:
+    """``teacher_quality`` of a training run's EMA student when ``step`` is one of ``run.quality_every``'s."""
+    if not run.quality_every or step % run.quality_every:
+        return {}
+    return teacher_quality(model, card, run, seed, out / "quality")

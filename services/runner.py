@@ -41,7 +41,7 @@ from dkdm_core.spec import RunSpec
 from dkdm_core.training import StepLogs, read_logs
 from services.evaluation import digits_evaluator
 from services.images import save_grid
-from services.quality import teacher_quality
+from services.quality import quality_at, teacher_quality
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +209,10 @@ class _Run:
         if step % run.sample_every == 0 and not last and len(self.card.sample_shape) == 3:
             _, samples = evaluate_model(self.trainer.ema.model, self.card, run, 64, self.seed)
             save_grid(samples, self.out / "samples" / f"step_{step:08d}.png")
+        quality = {} if last else quality_at(self.trainer.ema.model, self.card, run, self.seed, self.out, step)
+        if quality:
+            log_file.write(json.dumps({"step": step, "quality": quality}) + "\n")
+            log_file.flush()
         if run.eval_every and step % run.eval_every == 0 and not last:
             scores, _ = evaluate_model(self.trainer.ema.model, self.card, run, run.eval_samples, self.seed)
             log_file.write(json.dumps({"step": step, "eval": scores}) + "\n")

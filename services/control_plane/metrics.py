@@ -109,7 +109,8 @@ class _Families:
         )
         self.fd = GaugeMetricFamily("dkdm_job_digits_fd", "Final digits Fréchet distance", labels=["job_id"])
         # figure: fd, floor, ceiling or score ((fd - floor) / (ceiling - floor)); see dkdm_core.metrics.
-        self.tfd = GaugeMetricFamily("dkdm_job_teacher_fd", "Final teacher-feature FD", labels=["job_id", "figure"])
+        # The latest figure: one every run.quality_every steps while training, then the final one.
+        self.tfd = GaugeMetricFamily("dkdm_job_teacher_fd", "Teacher-feature FD", labels=["job_id", "figure"])
         self.counters = {
             name: CounterMetricFamily(metric, doc, labels=["job_id"]) for name, (metric, doc) in COUNTER_METRICS.items()
         }

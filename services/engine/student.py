@@ -31,6 +31,7 @@ from dkdm_core.training import Learner, StepLogs, read_logs
 from services.engine.loop import Knowledge
 from services.jobs.client import RedisUnavailable
 from services.jobs.store import JobStore, RecordGone
+from services.quality import quality_at
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,20 @@ class StudentRank:
         if self.out is not None:
             with open(self.out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def quality(self) -> None:
+        """Rank 0, on ``run.quality_every``'s steps: the EMA student's teacher-feature FD, logged and
+        published (the job's metric; the dashboard plots it over steps). Training waits meanwhile."""
+        if self.out is None:
+            return
+        model, run = self.learner.ema.model, self.spec.run
+        figures = quality_at(model, self.card, run, self.spec.seed, self.out, self.steps_done)
+        if not figures:
+            return
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.steps_done, "quality": figures}) + "\n")
+        if self.store is not None:
+            self.store.set_metrics(figures)
 
     def stop_requested(self) -> bool:
         return bool(self.store is not None and self.store.cancel_requested())
@@ -229,6 +244,8 @@ def _train(loop: StudentRank, store: JobStore, rank: int) -> None:
             stop = _any_rank(loop.stop_requested())
         if step % run.checkpoint_every == 0 or step == spec.steps or stop:
             _report(loop, rank)
+        if rank == 0 and step != spec.steps and not stop:
+            loop.quality()  # the driver evaluates the final student
         if stop:
             break
 

@@ -38,8 +38,13 @@ def test_floor_is_far_below_the_ceiling_for_the_bundled_teacher() -> None:
 
 
 def test_a_distilled_student_scores_between_floor_and_ceiling(tmp_path: Path) -> None:
-    metrics = short_distill(TEACHER, tmp_path / "run", 150)
+    metrics = short_distill(TEACHER, tmp_path / "run", 150, "--set", "run.quality_every=50")
     assert set(QUALITY) <= metrics.keys()
+    # The figure while training, for the dashboard's curve: every 50 steps; the final one is metrics.json's.
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    during = [r for r in records if "quality" in r]
+    assert [r["step"] for r in during] == [50, 100]
+    assert all(set(QUALITY) <= r["quality"].keys() for r in during)
     assert metrics["teacher_fd_floor"] < metrics["teacher_fd"] < metrics["teacher_fd_ceiling"]
     assert (tmp_path / "run" / "quality").is_dir()  # the teacher's samples, cached for a re-evaluation
 

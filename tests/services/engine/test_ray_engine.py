@@ -268,18 +268,29 @@ def test_o2mkd_routes_the_shared_pool_to_its_students_on_both_engines(
 def test_a_class_conditional_job_matches_the_local_engine_on_ray(
     ray_cluster: None, redis_url: str, tmp_path: Path
 ) -> None:
-    """Labels travel in leases and knowledge batches: a guided job with a null share reproduces the local engine."""
+    """Labels travel in leases and knowledge batches: a guided job with a null share reproduces the local engine.
+
+    The quality figure taken while training (``run.quality_every``) is the same on both engines too.
+    """
     teacher = Path(__file__).resolve().parents[3] / "dkdm_core" / "assets" / "teachers" / "digits-cond"
-    spec = engine_spec(teacher, tmp_path / "ray", steps=6, run__eval_samples=20, run__quality_samples=20)
+    spec = engine_spec(
+        teacher, tmp_path / "ray", steps=6, run__eval_samples=20, run__quality_samples=20, run__quality_every=3
+    )
     run_job(spec, "classes", redis_url, progress=False)
     threads = torch.get_num_threads()
     try:
         distill_local(spec.model_copy(update={"engine": "local", "out": str(tmp_path / "local")}), progress=False)
     finally:
         torch.set_num_threads(threads)
-    assert [r["loss"] for r in logged(tmp_path / "ray")] == [
-        r["loss"] for r in logged(tmp_path / "local") if "loss" in r
-    ]
+    ray_log, local_log = logged(tmp_path / "ray"), logged(tmp_path / "local")
+    assert [r["loss"] for r in ray_log if "loss" in r] == [r["loss"] for r in local_log if "loss" in r]
+    ray_quality = [r for r in ray_log if "quality" in r]
+    assert [r["step"] for r in ray_quality] == [3]  # step 6 is the last: the final evaluation covers it
+    local_quality = [r for r in local_log if "quality" in r]
+    assert [r["step"] for r in local_quality] == [3]
+    # Equal up to the last bits of the Fréchet distance's matrix square root (thread counts differ).
+    assert ray_quality[0]["quality"] == pytest.approx(local_quality[0]["quality"], rel=1e-9)
+    assert ray_quality[0]["quality"]["teacher_fd"] > 0
     card = json.loads((tmp_path / "ray" / "config.json").read_text())
     assert card["classes"] == {"num": 10, "null": True, "guidance_scale": 2.0}
     assert JobStore(redis_url, "classes").state() == "SUCCEEDED"
