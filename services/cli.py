@@ -214,14 +214,41 @@ def cmd_serve_api(args: argparse.Namespace) -> None:
     serve(args.host, args.port)
 
 
+# The sampling settings a flag sets, named by their flag in errors.
+SAMPLING_FLAGS = {"sampling_device": "--device", "sampling_gpus_per_replica": "--gpus-per-replica"}
+
+
+def _sampling_settings(args: argparse.Namespace, **fields: Any) -> Any:
+    """The sampling settings: ``DKDM_*`` variables, then the flags given; a bad value is one line naming
+    its flag (or variable)."""
+    from services.serving.settings import SamplingSettings
+
+    given = {"sampling_device": args.device, "sampling_gpus_per_replica": args.gpus_per_replica}
+    try:
+        return SamplingSettings(**{k: v for k, v in given.items() if v is not None}, **fields)
+    except ValidationError as exc:
+        parts = []
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            for field, flag in SAMPLING_FLAGS.items():
+                msg = msg.replace(field, flag)
+            if err["loc"]:  # a field's own check: name its flag and variable
+                field = str(err["loc"][0])
+                variable = f"DKDM_{field.upper()}"
+                msg = (
+                    f"{SAMPLING_FLAGS[field]} ({variable}): {msg}" if field in SAMPLING_FLAGS else f"{variable}: {msg}"
+                )
+            parts.append(msg)
+        raise UsageError("; ".join(parts)) from None
+
+
 def cmd_serve_sampling(args: argparse.Namespace) -> None:
     import ray
 
     from services.jobs.store import ModelRegistry, connect
     from services.serving.app import deploy
-    from services.serving.settings import SamplingSettings
 
-    settings = SamplingSettings()
+    settings = _sampling_settings(args)
     if not settings.redis_url:
         raise UsageError("the sampling service reads the model registry from Redis: set DKDM_REDIS_URL")
     ModelRegistry(connect(settings.redis_url)).all()  # fail here, in one line, if Redis is not there
@@ -238,7 +265,16 @@ def cmd_up(args: argparse.Namespace) -> None:
     ports = {k: getattr(args, k) for k in ("api_port", "sampling_port", "redis_port", "dashboard_port")}
     if any(not 0 <= p < 65536 for p in ports.values()) or (args.num_cpus is not None and args.num_cpus < 1):
         raise UsageError("ports must be 0 (a free one) to 65535, --num-cpus at least 1")
-    options = UpOptions(Path(args.data), args.host, num_cpus=args.num_cpus, token=args.token, **ports)
+    _sampling_settings(args, api_token=None)  # bad device flags: one line before anything starts
+    options = UpOptions(
+        Path(args.data),
+        args.host,
+        num_cpus=args.num_cpus,
+        token=args.token,
+        sampling_device=args.device,
+        gpus_per_replica=args.gpus_per_replica,
+        **ports,
+    )
     try:
         run(options, announce=lambda line: print(line, flush=True))
     except StartError as exc:  # a part that could not start: a service failing under us, status 1
@@ -348,6 +384,8 @@ def _add_services(sub: Any) -> None:
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=port)
         p.set_defaults(func=func)
+        if name == "sampling":
+            _sampling_device_args(p)
 
     p = sub.add_parser("up", help="the whole service on this machine: Redis, Ray, control plane, sampling")
     p.add_argument("--data", default="dkdm-data", help="folder of the job records (Redis) and runs")
@@ -356,7 +394,23 @@ def _add_services(sub: Any) -> None:
         p.add_argument(f"--{flag}-port", type=int, default=port, help=f"default {port}; 0: a free port")
     p.add_argument("--num-cpus", type=int, help="Ray's logical CPUs (default: the cores, at least 4)")
     p.add_argument("--token", help="the API token (default: DKDM_API_TOKEN, else one saved in --data)")
+    _sampling_device_args(p)
     p.set_defaults(func=cmd_up)
+
+
+def _sampling_device_args(p: argparse.ArgumentParser) -> None:
+    """Where sampler replicas run; the defaults are the DKDM_SAMPLING_* variables, else auto and 0."""
+    p.add_argument(
+        "--device",
+        help="sampler replicas' device: auto (a GPU when Ray gives the replica one), cpu, cuda or cuda:N "
+        "(default: DKDM_SAMPLING_DEVICE, else auto)",
+    )
+    p.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        help="GPUs Ray reserves per sampler replica, fractions allowed "
+        "(default: DKDM_SAMPLING_GPUS_PER_REPLICA, else 1 for cuda, 0 otherwise)",
+    )
 
 
 # dkdm jobs: a thin front of services.client (DKDM_API_URL, DKDM_API_TOKEN, DKDM_SAMPLE_URL) --------

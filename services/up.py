@@ -52,6 +52,9 @@ class UpOptions:
     # job needs a teacher replica and a student beside it, so even a 2-core machine offers 4.
     num_cpus: int | None = None
     token: str | None = None
+    # The sampler replicas' device and GPUs (None: DKDM_SAMPLING_DEVICE / _GPUS_PER_REPLICA, else their defaults).
+    sampling_device: str | None = None
+    gpus_per_replica: float | None = None
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,9 @@ def _sampling(options: UpOptions, redis_url: str, token: str, stack: contextlib.
     from services.serving.settings import SamplingSettings
 
     port = _port(options.sampling_port)
-    deploy(SamplingSettings(api_token=token, redis_url=redis_url), options.host, port)
+    devices = {"sampling_device": options.sampling_device, "sampling_gpus_per_replica": options.gpus_per_replica}
+    chosen = {k: v for k, v in devices.items() if v is not None}
+    deploy(SamplingSettings(api_token=token, redis_url=redis_url, **chosen), options.host, port)
     if os.environ.get("RAY_ADDRESS"):  # a cluster we joined keeps its Serve; only our app goes
         stack.callback(serve.delete, SAMPLING_APP)
     return f"http://{options.host}:{port}"

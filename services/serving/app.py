@@ -11,6 +11,12 @@ Guards, since one request can cost minutes of a replica's CPU: sampling needs th
 token (``GET /v1/models`` stays open but shows no filesystem paths); each sampler replica runs at most
 ``DKDM_SAMPLING_MAX_ONGOING_REQUESTS`` requests, a few more wait, and the rest get 503 + Retry-After;
 and one request may cost at most ``DKDM_SAMPLING_MAX_COST`` samples x network calls x parameters (422).
+
+Devices follow the rule of every ``dkdm`` command (``DKDM_SAMPLING_DEVICE``: auto, cpu, cuda, cuda:N).
+A sampler replica asks Ray for ``DKDM_SAMPLING_GPUS_PER_REPLICA`` GPUs and resolves its device itself,
+inside the replica, since the process that deploys the app may have no GPU. Models run on that device
+in fp32, as ``dkdm sample`` runs them, so a seed draws what the command draws on the same device; the
+noise is drawn on the CPU and samples come back to it for encoding.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the ingress methods' annotations at
@@ -23,6 +29,7 @@ from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 import numpy as np
+import ray
 import torch
 from fastapi import Depends, FastAPI, HTTPException, Response, status
 from fastapi.security import HTTPAuthorizationCredentials
@@ -36,6 +43,7 @@ from ray.serve.handle import DeploymentHandle
 from dkdm_core.checkpoint import CheckpointError, count_parameters, read_card
 from dkdm_core.data import to_uint8_nhwc
 from dkdm_core.diffusion import Sampler
+from dkdm_core.runtime import pick_device
 from dkdm_core.sampling import class_labels, draw, sampling_guidance, sampling_steps
 from services.auth import bearer, check_bearer
 from services.images import grid_image
@@ -139,11 +147,35 @@ def _encode(arr: np.ndarray, fmt: str) -> Response:
     return Response(buffer.getvalue(), media_type="image/png")
 
 
+def replica_device(name: str, gpu_ids: list[Any]) -> torch.device:
+    """A sampler replica's device for the setting ``name``, given the GPUs Ray assigned it.
+
+    ``auto`` is a GPU only when Ray gave the replica one: Ray leaves ``CUDA_VISIBLE_DEVICES`` alone for
+    an actor with no GPUs, so such a replica would otherwise see, and take, GPUs reserved for others.
+    """
+    if name == "auto":
+        return pick_device("cuda" if gpu_ids else "cpu")
+    return pick_device(name)  # cuda:N counts the GPUs Ray made visible; one that is missing is an error
+
+
+def cluster_gpu_error(settings: SamplingSettings, cluster_gpus: float) -> str | None:
+    """Why the cluster cannot place a sampler replica's GPUs (Serve would wait for them forever), or None."""
+    wanted = settings.gpus_per_replica
+    if wanted <= cluster_gpus:
+        return None
+    return (
+        f"a sampler replica asks Ray for {wanted:g} GPU(s) (device {settings.sampling_device!r}), "
+        f"but the cluster has {cluster_gpus:g}: use device cpu, or fewer GPUs per replica"
+    )
+
+
 # Deployments are pickled when decorated: everything they call must be defined above this line.
 @serve.deployment(ray_actor_options={"num_cpus": 1})
 class StudentSampler:
-    def __init__(self, redis_url: str) -> None:
+    def __init__(self, redis_url: str, device: str = "auto") -> None:
         self.registry = _registry(redis_url)
+        # Here, not where the app is built: only the replica knows the GPUs Ray gave it.
+        self.device = replica_device(device, ray.get_gpu_ids())
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
     async def get_model(self, name: str) -> tuple[torch.nn.Module, Any]:
@@ -152,7 +184,7 @@ class StudentSampler:
         entry = self.registry.get(name)
         if entry is None:
             raise KeyError(name)
-        return load_model(entry["path"])
+        return load_model(entry["path"], self.device)
 
     async def sample(
         self,
@@ -164,7 +196,7 @@ class StudentSampler:
         guidance_scale: float | None = None,
     ) -> np.ndarray:
         model, card = await self.get_model(serve.get_multiplexed_model_id())
-        # O2MKD routers, BOOT, latent and class-conditional models too
+        # O2MKD routers, BOOT, latent and class-conditional models too; x is on the CPU whatever the device
         x = draw(model, card, num, seed, steps, sampler, labels=class_labels, guidance_scale=guidance_scale)
         return to_uint8_nhwc(x) if x.ndim == 4 else x.numpy()
 
@@ -224,25 +256,37 @@ class SamplingAPI:
         return Response(generate_latest(METRICS), media_type=CONTENT_TYPE_LATEST)
 
 
+def sampler_deployment(settings: SamplingSettings) -> Any:
+    """The student sampler as ``settings`` bound it: its request limits and the GPUs it asks Ray for."""
+    actor: dict[str, Any] = {"num_cpus": 1}
+    if settings.gpus_per_replica > 0:
+        actor["num_gpus"] = settings.gpus_per_replica
+    return StudentSampler.options(
+        max_ongoing_requests=settings.sampling_max_ongoing_requests,
+        max_queued_requests=settings.sampling_max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=settings.sampling_retry_after_s),
+        ray_actor_options=actor,
+    )
+
+
 def build(settings: SamplingSettings) -> Any:
     """The Serve application: ingress -> multiplexed student sampler, both bounded by ``settings``."""
     retry = settings.sampling_retry_after_s
-    sampler = StudentSampler.options(
-        max_ongoing_requests=settings.sampling_max_ongoing_requests,
-        max_queued_requests=settings.sampling_max_queued_requests,
-        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=retry),
-    )
+    sampler = sampler_deployment(settings)
     ingress = SamplingAPI.options(
         max_ongoing_requests=INGRESS_MAX_ONGOING,
         max_queued_requests=INGRESS_MAX_QUEUED,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=retry),
     )
-    return ingress.bind(sampler.bind(settings.redis_url), settings)
+    return ingress.bind(sampler.bind(settings.redis_url, settings.sampling_device), settings)
 
 
 def deploy(settings: SamplingSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Deploy (or update) the sampling app on the connected Ray cluster; it keeps running after we return."""
     if settings.redis_url is None:
         raise ValueError("the sampling service reads the model registry from Redis: set DKDM_REDIS_URL")
+    no_room = cluster_gpu_error(settings, ray.cluster_resources().get("GPU", 0.0))
+    if no_room is not None:
+        raise ValueError(no_room)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build(settings), name="dkdm-sampling", route_prefix="/", blocking=False)

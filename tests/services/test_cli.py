@@ -191,6 +191,8 @@ DEVICE_COMMANDS = [
     ["distill", "--steps", "1"],
     ["sample", "--model", "assets/teachers/digits", "--num", "2", "--out", "x.npz"],
     ["eval", "--model", "assets/teachers/digits", "--num", "2"],
+    ["serve", "sampling"],  # checked before Redis or Ray is looked for
+    ["up", "--data", "data"],  # checked before anything starts
 ]
 
 
@@ -201,7 +203,7 @@ def test_every_command_takes_a_device_and_refuses_bad_ones_in_one_line(
 ) -> None:
     if device.startswith("cuda") and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
-    args = [a if a != "x.npz" else str(tmp_path / "x.npz") for a in cmd]
+    args = [str(tmp_path / a) if a in ("x.npz", "data") else a for a in cmd]
     if cmd[0] in ("teacher", "distill"):
         args += ["--out", str(tmp_path / "out")]
     assert_one_line_error(run_dkdm(*args, "--device", device, check=False), message)

@@ -42,9 +42,11 @@ def sampling(tiny_teacher: Path) -> Iterator[tuple[str, int]]:
             DKDM_SAMPLING_MAX_QUEUED_REQUESTS="1",
             DKDM_SAMPLING_RETRY_AFTER_S=str(RETRY_AFTER_S),
             DKDM_SAMPLING_MAX_COST=str(100 * 100 * parameters),  # 100 samples at 100 steps
+            DKDM_SAMPLING_GPUS_PER_REPLICA="0",
         )
         port = free_port()
-        cmd = [str(BIN / "dkdm"), "serve", "sampling", "--port", str(port)]
+        # The device rule of every command, on the CPU this suite runs on: no GPU asked of Ray.
+        cmd = [str(BIN / "dkdm"), "serve", "sampling", "--port", str(port), "--device", "cpu"]
         deployed = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
         yield f"http://127.0.0.1:{port}", parameters
