@@ -173,7 +173,7 @@ def _sampling(options: UpOptions, redis_url: str, token: str, stack: contextlib.
 
     port = _port(options.sampling_port)
     devices = {"sampling_device": options.sampling_device, "sampling_gpus_per_replica": options.gpus_per_replica}
-    chosen = {k: v for k, v in devices.items() if v is not None}
+    chosen: dict[str, Any] = {k: v for k, v in devices.items() if v is not None}
     deploy(SamplingSettings(api_token=token, redis_url=redis_url, **chosen), options.host, port)
     if os.environ.get("RAY_ADDRESS"):  # a cluster we joined keeps its Serve; only our app goes
         stack.callback(serve.delete, SAMPLING_APP)

@@ -39,6 +39,12 @@ class SamplingSettings(BaseSettings):
     _strong_enough = field_validator("api_token")(strong_enough)
     _check_device = field_validator("sampling_device")(check_device)
 
+    @field_validator("sampling_gpus_per_replica", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: object) -> object:
+        # docker-compose and helm pass the variable through even when left unset, as "".
+        return None if value == "" else value
+
     @property
     def gpus_per_replica(self) -> float:
         """What each sampler replica asks Ray for: the setting, or 1 when the device names CUDA."""

@@ -69,3 +69,10 @@ def test_a_cluster_without_the_gpus_asked_for_is_named() -> None:
     assert cluster_gpu_error(SamplingSettings(sampling_device="cuda"), 1.0) is None
     error = cluster_gpu_error(SamplingSettings(sampling_device="cuda"), 0.0)
     assert error is not None and "asks Ray for 1 GPU(s)" in error and "the cluster has 0" in error
+
+
+def test_an_empty_gpus_variable_means_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docker-compose and helm pass DKDM_SAMPLING_GPUS_PER_REPLICA through as "" when it is left unset."""
+    monkeypatch.setenv("DKDM_SAMPLING_GPUS_PER_REPLICA", "")
+    monkeypatch.setenv("DKDM_SAMPLING_DEVICE", "cuda")
+    assert SamplingSettings().gpus_per_replica == 1
