@@ -254,7 +254,8 @@ def cmd_serve_sampling(args: argparse.Namespace) -> None:
     ModelRegistry(connect(settings.redis_url)).all()  # fail here, in one line, if Redis is not there
     if settings.api_token is None:
         log.warning("DKDM_API_TOKEN is not set: every sampling request will be refused (401)")
-    ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace="dkdm")
+    # WARNING: Ray's connection notes would otherwise come before (and around) a one-line error.
+    ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace="dkdm", logging_level=logging.WARNING)
     deploy(settings, args.host, args.port)
     print(f"sampling service deployed: http://{args.host}:{args.port}/v1/models/{{name}}/samples")
 

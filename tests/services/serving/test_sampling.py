@@ -4,6 +4,7 @@ Ray head: the bearer token, the bound on concurrent requests (503 + Retry-After)
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,17 +25,16 @@ HEAVY = {"num": 64, "steps": 100, "format": "npz"}  # a few seconds of one core 
 
 
 @pytest.fixture(scope="module")
-def sampling(tiny_teacher: Path) -> Iterator[tuple[str, int]]:
-    """The service with one request at a time per replica and one waiting, serving the tiny teacher."""
-    import subprocess
-
+def cluster(tiny_teacher: Path) -> Iterator[dict[str, str]]:
+    """Redis with two registered models and a Ray head: the environment `dkdm serve sampling` runs in, with
+    one request at a time per replica and one waiting."""
     parameters = count_parameters(tiny_teacher)
     with redis_server() as server, ray_head(num_cpus=2) as head:
         registry = ModelRegistry(redis.Redis.from_url(server.url, decode_responses=True))
         registry.register("tiny", str(tiny_teacher), arch="unet-tiny")
         cond = ROOT / "dkdm_core" / "assets" / "teachers" / "digits-cond"
         registry.register("digits-cond", str(cond), arch="unet-small")
-        env = cluster_env(
+        yield cluster_env(
             DKDM_API_TOKEN=TOKEN,
             DKDM_REDIS_URL=server.url,
             RAY_ADDRESS=head.gcs,
@@ -44,12 +44,22 @@ def sampling(tiny_teacher: Path) -> Iterator[tuple[str, int]]:
             DKDM_SAMPLING_MAX_COST=str(100 * 100 * parameters),  # 100 samples at 100 steps
             DKDM_SAMPLING_GPUS_PER_REPLICA="0",
         )
-        port = free_port()
-        # The device rule of every command, on the CPU this suite runs on: no GPU asked of Ray.
-        cmd = [str(BIN / "dkdm"), "serve", "sampling", "--port", str(port), "--device", "cpu"]
-        deployed = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
-        yield f"http://127.0.0.1:{port}", parameters
+
+
+def serve_sampling(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "dkdm"), "serve", "sampling", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def sampling(cluster: dict[str, str], tiny_teacher: Path) -> Iterator[tuple[str, int]]:
+    """The service deployed, serving the tiny teacher."""
+    port = free_port()
+    # The device rule of every command, on the CPU this suite runs on: no GPU asked of Ray.
+    deployed = serve_sampling(cluster, "--port", str(port), "--device", "cpu")
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    yield f"http://127.0.0.1:{port}", count_parameters(tiny_teacher)
 
 
 def post(url: str, body: dict, headers: dict | None = None, timeout: float = 300) -> requests.Response:
@@ -131,3 +141,16 @@ def test_sampling_by_class_with_guidance_and_class_fields_checked(sampling: tupl
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "class_labels"]
     r = post(f"{base}/tiny/samples", {"num": 2, "guidance_scale": 3.0}, AUTH)
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "guidance_scale"]
+
+
+def test_gpus_the_cluster_lacks_are_one_line_before_deploying(cluster: dict[str, str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine's Ray head has a GPU")
+    proc = serve_sampling(cluster, "--port", str(free_port()), "--device", "cuda", "--gpus-per-replica", "1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        "dkdm: error: a sampler replica asks Ray for 1 GPU(s) (device 'cuda'), but the cluster has 0: "
+        "use device cpu, or fewer GPUs per replica"
+    ]
