@@ -23,6 +23,7 @@ from tests.services.conftest import (
     BIN,
     Service,
     free_port,
+    ray_head,
     retry_on_collision,
     running,
     start_process,
@@ -133,18 +134,17 @@ def test_bad_up_options_are_one_line_before_anything_starts(args: list[str], mes
     assert len(proc.stderr.strip().splitlines()) == 1 and "redis-server" not in proc.stdout
 
 
-# Out of the suite until its race is found: in one full run of the suite on a fresh clone (it passed when
-# run alone, before and after), the job's driver failed at pool initialisation with "Ray failed: The actor
-# died unexpectedly before finishing this task. class_name: PoolShard ... all references to the actor were
-# removed ... The actor never ran - it was cancelled before it started running". A flaky test is a
-# failing test, so it runs only when asked: `DKDM_RUN_UP_E2E=1 pytest tests/services/test_up.py`.
-@pytest.mark.skipif(
-    os.environ.get("DKDM_RUN_UP_E2E") != "1",
-    reason="a driver race seen once under the full suite (PoolShard creation cancelled); DKDM_RUN_UP_E2E=1 runs it",
-)
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_up_runs_a_job_samples_it_and_keeps_it_across_a_restart(tiny_teacher: Path, tmp_path: Path) -> None:
+    # Beside another Ray on the machine, as in a full run of the suite (its session head): a job's driver
+    # must join `dkdm up`'s own cluster. Ray's job supervisor once picked the other one, and the job
+    # failed with "PoolShard ... all references to the actor were removed ... never ran".
+    with ray_head(num_cpus=1, auth=False):
+        _up_runs_a_job_samples_it_and_keeps_it(tiny_teacher, tmp_path)
+
+
+def _up_runs_a_job_samples_it_and_keeps_it(tiny_teacher: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if k not in INHERITED}
     env["DKDM_MODEL_ROOTS"] = json.dumps([str(tiny_teacher.parent)])  # the tiny teacher, besides up's own runs folder
