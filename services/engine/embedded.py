@@ -68,13 +68,20 @@ class RedisServer:
         deadline = time.monotonic() + timeout
         # A bare client: this loop is the retry (and must see the process exit), not the ride-out client's.
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1.0, retry=Retry(NoBackoff(), 0))
+        taken = False
         while True:
             try:
-                client.ping()
-                break
+                client.ping()  # BusyLoadingError while the append-only file is replayed
+                if client.info("server").get("process_id") == self.process.pid:
+                    break
+                # Another server holds the port and answered: ours cannot bind it and exits. Never take
+                # that server for ours (stopping ours would leave it, and its data is not ours).
+                taken = True
+                raise redis.ConnectionError(f"port {self.port} is taken")
             except redis.ConnectionError:  # BusyLoadingError too: the append-only file is being replayed
                 if self.process.poll() is not None:
                     err = self.process.stderr.read().decode() if self.process.stderr else ""
+                    err = err or (f"port {self.port} already in use by another process" if taken else "")
                     raise RuntimeError(f"redis-server exited at start: {err.strip()}") from None
                 if time.monotonic() > deadline:
                     self.stop()
@@ -107,6 +114,10 @@ class RedisServer:
             self._tmp = None
 
     def __enter__(self) -> RedisServer:
+        # A server started already (``with redis_server() as server``) is used as it is: starting it again
+        # would leave the running process unstopped.
+        if self.process is not None and self.process.poll() is None:
+            return self
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
