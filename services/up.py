@@ -149,7 +149,7 @@ def _ray(options: UpOptions, stack: contextlib.ExitStack) -> str:
     stack.callback(shutil.rmtree, temp, ignore_errors=True)
     port = _port(options.dashboard_port)
     try:
-        context = ray.init(
+        ray.init(
             namespace="dkdm",
             num_cpus=options.num_cpus or max(4, os.cpu_count() or 1),
             include_dashboard=True,
@@ -165,7 +165,7 @@ def _ray(options: UpOptions, stack: contextlib.ExitStack) -> str:
     # Record the head in its temp dir, as `ray start` does. Ray's job supervisor finds the cluster a
     # submitted driver joins there; without the record it takes any GCS in the process list, so with a
     # second Ray on the machine a job's driver could join that one (where its actors died unstarted).
-    ray._private.utils.write_ray_address(context.address_info["gcs_address"], temp)
+    ray._private.utils.write_ray_address(ray.get_runtime_context().gcs_address, temp)
     return f"http://127.0.0.1:{port}"
 
 
