@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+
+if TYPE_CHECKING:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
 
 class AutoencoderError(ValueError):
@@ -23,6 +26,10 @@ def build_autoencoder(
     channels: int = 1, image_size: int = 8, latent_channels: int = 3, widths: tuple[int, ...] = (32, 64)
 ) -> AutoencoderKL:
     """A small KL autoencoder that downsamples by 2^(len(widths) - 1)."""
+    # diffusers is imported where an autoencoder is made: it takes seconds, and most processes that
+    # import sampling (Ray actors, the control plane) never touch a latent model.
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+
     return AutoencoderKL(
         in_channels=channels,
         out_channels=channels,
@@ -86,6 +93,8 @@ def load_autoencoder(directory: str) -> AutoencoderKL:
         raise AutoencoderError(f"{path} is not an autoencoder folder: config.json is missing")
     if not any(path.glob("*.safetensors")):
         raise AutoencoderError(f"{path} has no .safetensors weights (pickled .bin files are not loaded)")
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+
     try:
         ae = AutoencoderKL.from_pretrained(
             str(path), use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False

@@ -24,7 +24,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from scipy import linalg
 from torch import nn
 
 from dkdm_core.diffusion import GaussianDiffusion
@@ -101,6 +100,10 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """||μ1 - μ2||² + Tr(Σ1 + Σ2 - 2 (Σ1 Σ2)^½), as in the FID reference implementation."""
+    # scipy is imported on use: it adds a noticeable share to the import of every process that only
+    # holds the evaluator (the control plane, the engine's actors).
+    from scipy import linalg
+
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():

@@ -6,9 +6,13 @@ folder without weight conversion (``dkdm_core.checkpoint``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import UNet2DModel
 from torch import nn
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DModel
 
 
 class UNet(nn.Module):
@@ -33,6 +37,10 @@ class UNet(nn.Module):
             raise ValueError("one attention flag per resolution level")
         down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels)
         up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels))
+        # Imported here, not with the module: diffusers takes seconds to import, and every process that
+        # only validates specs or holds a pool (Ray actors, the control plane) imports this registry.
+        from diffusers import UNet2DModel
+
         self.net = UNet2DModel(
             sample_size=image_size,
             in_channels=in_channels,
