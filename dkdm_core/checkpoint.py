@@ -359,7 +359,7 @@ def export_diffusers(model: nn.Module, card: ModelCard, directory: str | Path) -
     out = Path(directory)
     if card.autoencoder is not None and autoencoder_class(card.autoencoder) == "VQModel":
         vqvae = load_autoencoder(card.autoencoder)
-        ldm = LDMPipeline(vqvae=vqvae, unet=model.net, scheduler=scheduler)  # type: ignore[arg-type]
+        ldm = LDMPipeline(vqvae=vqvae, unet=model.net, scheduler=scheduler)
         ldm.save_pretrained(str(out), safe_serialization=True)  # type: ignore[attr-defined]
     else:
         pipeline = DDPMPipeline(unet=model.net, scheduler=scheduler)
@@ -411,7 +411,7 @@ def _net_config(cls: type, folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder} has no config.json")
-    params = inspect.signature(cls.__init__).parameters.values()
+    params = inspect.signature(cls).parameters.values()
     defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
     return defaults | _read_json(path)
 
@@ -450,7 +450,9 @@ def diffusers_card(directory: Path) -> ModelCard:
             # trained with Nichol & Dhariwal's learned-range Σ (DiT Sec. 3.1), which the pool's
             # ancestral steps then use, and the student learns with the full DKDM objective.
             diffusion = diffusion.model_copy(update={"variance_type": "learned_range"})
-        classes = ClassCard(num=int(config["num_embeds_ada_norm"]), null=True, guidance_scale=DIT_GUIDANCE_SCALE)
+        classes: ClassCard | None = ClassCard(
+            num=int(config["num_embeds_ada_norm"]), null=True, guidance_scale=DIT_GUIDANCE_SCALE
+        )
         arch, size = DIFFUSERS_DIT_ARCH, int(config["sample_size"])
     else:
         config = _net_config(UNet2DModel, folder)
@@ -501,9 +503,9 @@ def import_diffusers(directory: Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(f"{folder} could not be loaded as a diffusers {cls.__name__}: {first}") from exc
     model: nn.Module
     if card.arch == DIFFUSERS_DIT_ARCH:
-        model = DiffusersDiT(net, card.channels * (2 if card.learn_sigma else 1))  # type: ignore[arg-type]
+        model = DiffusersDiT(net, card.channels * (2 if card.learn_sigma else 1))
     else:
-        model = UNet.wrap(net)  # type: ignore[arg-type]
+        model = UNet.wrap(net)
     return model.to(device).eval(), card
 
 

@@ -21,7 +21,10 @@ from diffusers.models.autoencoders.vq_model import VQModel
 
 # The autoencoder classes a latent model decodes with, by the ``_class_name`` of their config.json.
 Autoencoder = AutoencoderKL | VQModel
-AUTOENCODER_CLASSES: dict[str, type[AutoencoderKL] | type[VQModel]] = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
+AUTOENCODER_CLASSES: dict[str, type[AutoencoderKL] | type[VQModel]] = {
+    "AutoencoderKL": AutoencoderKL,
+    "VQModel": VQModel,
+}
 
 
 class AutoencoderError(ValueError):

@@ -79,5 +79,7 @@ def save_dit(root: Path, seed: int = 0) -> Path:
     pipe.save_pretrained(str(root), safe_serialization=True)
     # save_pretrained does not write id2label; the hub's DiT folders hold it in model_index.json.
     index = json.loads((root / "model_index.json").read_text())
-    (root / "model_index.json").write_text(json.dumps(index | {"id2label": {str(k): v for k, v in DIT_CLASSES.items()}}))
+    (root / "model_index.json").write_text(
+        json.dumps(index | {"id2label": {str(k): v for k, v in DIT_CLASSES.items()}})
+    )
     return root

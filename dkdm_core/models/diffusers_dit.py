@@ -27,7 +27,7 @@ class DiffusersDiT(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return int(self.net.config.num_embeds_ada_norm)
+        return int(self.net.config.num_embeds_ada_norm)  # type: ignore[attr-defined]
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if labels is None:  # DiT has no label-free path: "no label" is its null class

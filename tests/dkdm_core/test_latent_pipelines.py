@@ -111,7 +111,9 @@ def test_a_dit_teacher_step_is_diffusers_step_on_dit_pipelines_guided_output(dit
         t_orig = kept[index]
         x_t = torch.randn(2, 4, LATENT_SIZE, LATENT_SIZE, generator=gen)
         t = torch.full((2,), index, dtype=torch.long)
-        ours = teacher_step(model, chain, x_t, t, torch.Generator().manual_seed(index), labels=labels, guidance=guidance)
+        ours = teacher_step(
+            model, chain, x_t, t, torch.Generator().manual_seed(index), labels=labels, guidance=guidance
+        )
         # pipeline_dit.py: one call on [x, x] with [labels, null]; guidance mixes only the first C
         # channels (ε), the conditional half keeps its own learned variance.
         with torch.no_grad():

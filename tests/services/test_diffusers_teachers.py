@@ -180,7 +180,9 @@ def test_latent_pipeline_teacher_distils_in_latent_space_and_samples_decoded_ima
     metrics = json.loads((out / "metrics.json").read_text())
     assert np.isfinite(metrics["teacher_fd"])
 
-    run_dkdm("sample", "--model", str(out), "--num", "3", "--steps", "3", "--out", str(tmp_path / "s.npz"), *sample_args)
+    run_dkdm(
+        "sample", "--model", str(out), "--num", "3", "--steps", "3", "--out", str(tmp_path / "s.npz"), *sample_args
+    )
     images = np.load(tmp_path / "s.npz")["arr_0"]
     assert images.shape == (3, IMAGE_SIZE, IMAGE_SIZE, 3) and images.dtype == np.uint8  # the pipeline's pixels
 
