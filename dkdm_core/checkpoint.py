@@ -5,8 +5,9 @@ A *model folder* is what ``dkdm sample --model`` reads and what a teacher path p
 * ``config.json``: the :class:`ModelCard` (architecture, diffusion, data, provenance, metrics);
 * ``model.safetensors``: the weights (the EMA weights for trained models).
 
-A diffusers ``DDPMPipeline`` folder (``model_index.json``, ``unet/``, ``scheduler/``) loads too, and a
-UNet exports to one. Training checkpoints (``step_XXXXXXXX/``) add ``train_state.pt``: optimiser,
+A diffusers pipeline folder loads too: ``DDPMPipeline``/``DDIMPipeline`` (``model_index.json``,
+``unet/``, ``scheduler/``), ``LDMPipeline`` (+ ``vqvae/``) and ``DiTPipeline`` (``transformer/``,
+``vae/``); a UNet exports to one. Training checkpoints (``step_XXXXXXXX/``) add ``train_state.pt``: optimiser,
 EMA, generators and pool snapshot, a dict of tensors and numbers read back with
 ``torch.load(weights_only=True)``. Every folder is written under a temporary name and renamed into
 place, so a crash mid-save leaves the previous checkpoint intact.
@@ -14,6 +15,7 @@ place, so a crash mid-save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -36,6 +38,10 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TRAIN_STATE_FILE = "train_state.pt"
 DIFFUSERS_ARCH = "diffusers-unet2d"
+DIFFUSERS_DIT_ARCH = "diffusers-dit"
+DIFFUSERS_ARCHS = (DIFFUSERS_ARCH, DIFFUSERS_DIT_ARCH)  # imported networks, rebuilt from their own configs
+# The w an imported DiT samples with unless told otherwise: DiTPipeline's default guidance_scale.
+DIT_GUIDANCE_SCALE = 4.0
 ROUTER_ARCH = "o2mkd-router"
 AUTOENCODER_DIR = "autoencoder"
 
@@ -83,7 +89,7 @@ class ModelCard(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: str = FORMAT
-    arch: str  # a registry name, or DIFFUSERS_ARCH for an imported diffusers UNet
+    arch: str  # a registry name, or one of DIFFUSERS_ARCHS for an imported diffusers UNet or DiT
     channels: int
     image_size: int
     learn_sigma: bool
@@ -159,7 +165,10 @@ def _copy_autoencoder(source: Path, out: Path) -> str:
 
 
 def read_card(directory: str | Path) -> ModelCard:
-    """The card of a model folder; a latent model's autoencoder path comes back absolute."""
+    """The card of a model folder (or of a diffusers pipeline folder, from its configs); a latent
+    model's autoencoder path comes back absolute."""
+    if is_diffusers_folder(Path(directory)):
+        return diffusers_card(Path(directory))
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a model folder: {CONFIG_FILE} is missing")
@@ -188,7 +197,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     path = Path(directory)
     if not path.is_dir():
         raise CheckpointError(f"model folder not found: {path}")
-    if (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file():
+    if is_diffusers_folder(path):
         return import_diffusers(path, device)
     card = read_card(path)
     model = build_from_card(card)
@@ -210,10 +219,11 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 def count_parameters(directory: str | Path) -> int:
     """Numbers in a model folder's weights, read from the safetensors headers only (no tensor data).
 
-    The sampling service prices a request by it; for a diffusers folder the UNet's weights count.
+    The sampling service prices a request by it; for a diffusers folder the denoiser's weights count.
     """
     path = Path(directory)
-    files = [path / WEIGHTS_FILE] if (path / WEIGHTS_FILE).is_file() else sorted((path / "unet").glob("*.safetensors"))
+    denoiser = path / "transformer" if (path / "transformer").is_dir() else path / "unet"
+    files = [path / WEIGHTS_FILE] if (path / WEIGHTS_FILE).is_file() else sorted(denoiser.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path} has no safetensors weights")
     total = 0
@@ -332,73 +342,180 @@ def diffusion_from_scheduler(sched: dict[str, Any], source: str) -> DiffusionSpe
 
 
 def export_diffusers(model: nn.Module, card: ModelCard, directory: str | Path) -> Path:
-    """Write a diffusers DDPMPipeline folder (UNet models only): loadable by ``DDPMPipeline``.
+    """Write a diffusers pipeline folder (UNet models only): loadable by ``DDPMPipeline``, or by
+    ``LDMPipeline`` for a student of a VQ-latent teacher (its VQModel goes along as ``vqvae/``).
 
     A class-conditional UNet exports as a ``UNet2DModel`` with ``num_class_embeds`` (the null class
     is its last row); ``dkdm_card.json`` says which row that is, so it imports back with guidance.
     ``DDPMPipeline`` itself passes no labels: call the UNet with ``class_labels`` to sample by class.
     """
-    from diffusers import DDPMPipeline, DDPMScheduler
+    from diffusers import DDPMPipeline, DDPMScheduler, LDMPipeline
+
+    from dkdm_core.latent import autoencoder_class, load_autoencoder
 
     if not isinstance(model, UNet):
         raise CheckpointError(f"only UNet models export to diffusers format, not {card.arch}")
     scheduler = DDPMScheduler(**scheduler_config(card.diffusion, card.learn_sigma))
     out = Path(directory)
-    pipeline = DDPMPipeline(unet=model.net, scheduler=scheduler)
-    pipeline.save_pretrained(str(out), safe_serialization=True)  # type: ignore[attr-defined]
-    if card.autoencoder is not None:  # a latent model: its AutoencoderKL goes along as vae/
-        shutil.copytree(card.autoencoder, out / "vae", dirs_exist_ok=True)
+    if card.autoencoder is not None and autoencoder_class(card.autoencoder) == "VQModel":
+        vqvae = load_autoencoder(card.autoencoder)
+        ldm = LDMPipeline(vqvae=vqvae, unet=model.net, scheduler=scheduler)
+        ldm.save_pretrained(str(out), safe_serialization=True)  # type: ignore[attr-defined]
+    else:
+        pipeline = DDPMPipeline(unet=model.net, scheduler=scheduler)
+        pipeline.save_pretrained(str(out), safe_serialization=True)  # type: ignore[attr-defined]
+        if card.autoencoder is not None:  # a KL-latent model: its AutoencoderKL goes along as vae/
+            shutil.copytree(card.autoencoder, out / "vae", dirs_exist_ok=True)
     (out / "dkdm_card.json").write_text(card.model_dump_json(indent=2))
     return out
 
 
-def import_diffusers(directory: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
-    """A diffusers UNet2DModel + DDPM/DDIM scheduler folder as a dkdm model (safetensors weights only)."""
-    from diffusers import UNet2DModel
+# The diffusers pipelines a teacher folder may hold: the denoiser's and the autoencoder's subfolders.
+# DDPM/DDIM pipelines carry no autoencoder, but a dkdm export of a latent model adds ``vae/``.
+_PIPELINE_PARTS: dict[str | None, tuple[str, str]] = {
+    None: ("unet", "vae"),
+    "DDPMPipeline": ("unet", "vae"),
+    "DDIMPipeline": ("unet", "vae"),
+    "LDMPipeline": ("unet", "vqvae"),
+    "DiTPipeline": ("transformer", "vae"),
+}
 
-    unet_dir = directory / "unet" if (directory / "unet").is_dir() else directory
-    sched_path = directory / "scheduler" / "scheduler_config.json"
+
+def is_diffusers_folder(path: Path) -> bool:
+    return (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file()
+
+
+def _pipeline_class(directory: Path) -> str | None:
     index_path = directory / "model_index.json"
-    pipeline = json.loads(index_path.read_text()).get("_class_name") if index_path.is_file() else None
-    if pipeline not in (None, "DDPMPipeline", "DDIMPipeline"):
-        raise CheckpointError(f"{index_path}: {pipeline} folders are not supported yet (DDPMPipeline or DDIMPipeline)")
+    if not index_path.is_file():
+        return None
+    name = _read_json(index_path).get("_class_name")
+    if name not in _PIPELINE_PARTS:
+        supported = ", ".join(str(p) for p in _PIPELINE_PARTS if p)
+        raise CheckpointError(f"{index_path}: {name} folders are not supported ({supported})")
+    return name
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable JSON file: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data
+
+
+def _net_config(cls: type, folder: Path) -> dict[str, Any]:
+    """A diffusers model's config.json over its class's defaults (saved configs omit none, hand-written may)."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no config.json")
+    params = inspect.signature(cls).parameters.values()
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    return defaults | _read_json(path)
+
+
+def _denoiser_folder(directory: Path, pipeline: str | None) -> Path:
+    name = _PIPELINE_PARTS[pipeline][0]
+    folder = directory / name if (directory / name).is_dir() else directory
+    if not any(folder.glob("*.safetensors")):
+        raise CheckpointError(f"{folder} has no .safetensors weights (pickled .bin files are not loaded)")
+    return folder
+
+
+def diffusers_card(directory: Path) -> ModelCard:
+    """The card of a diffusers pipeline folder, from its JSON configs alone (no weights are read).
+
+    DDPM/DDIM and LDM pipelines: a ``UNet2DModel``; DiT: a ``DiTTransformer2DModel``, class-conditional
+    with a null class. The scheduler config goes through ``diffusion_from_scheduler`` (other scheduler
+    classes are refused naming theirs); the autoencoder (``vae/`` AutoencoderKL, ``vqvae/`` VQModel) is
+    what samples decode with.
+    """
+    from diffusers import DiTTransformer2DModel, UNet2DModel
+
+    pipeline = _pipeline_class(directory)
+    sched_path = directory / "scheduler" / "scheduler_config.json"
     if not sched_path.is_file():
         raise CheckpointError(f"{directory} has no scheduler/scheduler_config.json")
-    diffusion = diffusion_from_scheduler(json.loads(sched_path.read_text()), str(sched_path))
-    if not any(unet_dir.glob("*.safetensors")):
-        raise CheckpointError(f"{unet_dir} has no .safetensors weights (pickled .bin files are not loaded)")
-    try:
-        net = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=True, local_files_only=True)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # truncated, hostile or mismatched files
-        first = " ".join(str(exc).split())[:300]
-        raise CheckpointError(f"{unet_dir} could not be loaded as a diffusers UNet: {first}") from exc
+    sched = _read_json(sched_path)
+    diffusion = diffusion_from_scheduler(sched, str(sched_path))
+    folder = _denoiser_folder(directory, pipeline)
+    if pipeline == "DiTPipeline":
+        config = _net_config(DiTTransformer2DModel, folder)
+        channels = int(config["in_channels"])
+        out = int(config["out_channels"] or channels)
+        if "variance_type" not in sched and out == 2 * channels:
+            # A scheduler config that names no variance (DDIM's) over a 2C-output DiT: the network was
+            # trained with Nichol & Dhariwal's learned-range Σ (DiT Sec. 3.1), which the pool's
+            # ancestral steps then use, and the student learns with the full DKDM objective.
+            diffusion = diffusion.model_copy(update={"variance_type": "learned_range"})
+        classes: ClassCard | None = ClassCard(
+            num=int(config["num_embeds_ada_norm"]), null=True, guidance_scale=DIT_GUIDANCE_SCALE
+        )
+        arch, size = DIFFUSERS_DIT_ARCH, int(config["sample_size"])
+    else:
+        config = _net_config(UNet2DModel, folder)
+        channels, out = int(config["in_channels"]), int(config["out_channels"])
+        classes = _diffusers_classes(config, directory, folder)
+        arch, size = DIFFUSERS_ARCH, int(config["sample_size"])
     variance = diffusion.resolved_variance(False)
     learn_sigma = variance in ("learned", "learned_range")
-    if net.config.out_channels != net.config.in_channels * (2 if learn_sigma else 1):
-        raise CheckpointError(f"{unet_dir}: out_channels does not match variance_type {variance!r}")
-    classes = _diffusers_classes(net.config, directory, unet_dir)
-    model = UNet.wrap(net)
+    # DiTPipeline drops a 2C network's variance half when its scheduler fixes the variance; a UNet must fit.
+    fits = out == channels * (2 if learn_sigma else 1) or (arch == DIFFUSERS_DIT_ARCH and out == 2 * channels)
+    if not fits:
+        raise CheckpointError(f"{folder}: out_channels {out} does not match variance_type {variance!r}")
+    info: dict[str, Any] = {"imported_from": str(directory)}
+    names = _read_json(directory / "model_index.json").get("id2label") if pipeline == "DiTPipeline" else None
+    if isinstance(names, dict):  # DiTPipeline's class names (ImageNet's for facebook/DiT-*)
+        info["class_names"] = {str(k): str(v) for k, v in names.items()}
     card = ModelCard(
-        arch=DIFFUSERS_ARCH,
-        channels=net.config.in_channels,
-        image_size=int(net.config.sample_size),
+        arch=arch,
+        channels=channels,
+        image_size=size,
         learn_sigma=learn_sigma,
         diffusion=diffusion,
         classes=classes,
-        info={"imported_from": str(directory)},
+        info=info,
     )
-    if (directory / "vae" / "config.json").is_file():  # a latent pipeline: samples decode through its vae
-        card.autoencoder = str((directory / "vae").resolve())
+    ae_dir = directory / _PIPELINE_PARTS[pipeline][1]
+    if pipeline in ("LDMPipeline", "DiTPipeline") and not (ae_dir / "config.json").is_file():
+        raise CheckpointError(f"{directory}: a {pipeline} folder needs its autoencoder in {ae_dir.name}/")
+    if (ae_dir / "config.json").is_file():  # a latent pipeline: samples decode through its autoencoder
+        card.autoencoder = str(ae_dir.resolve())
+    return card
+
+
+def import_diffusers(directory: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
+    """A diffusers pipeline folder (DDPM, DDIM, LDM, DiT) as a dkdm model (safetensors weights only)."""
+    from diffusers import DiTTransformer2DModel, UNet2DModel
+
+    from dkdm_core.models.diffusers_dit import DiffusersDiT
+
+    card = diffusers_card(directory)
+    pipeline = _pipeline_class(directory)
+    folder = _denoiser_folder(directory, pipeline)
+    cls = DiTTransformer2DModel if card.arch == DIFFUSERS_DIT_ARCH else UNet2DModel
+    try:
+        net = cls.from_pretrained(str(folder), use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # truncated, hostile or mismatched files
+        first = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{folder} could not be loaded as a diffusers {cls.__name__}: {first}") from exc
+    model: nn.Module
+    if card.arch == DIFFUSERS_DIT_ARCH:
+        model = DiffusersDiT(net, card.channels * (2 if card.learn_sigma else 1))
+    else:
+        model = UNet.wrap(net)
     return model.to(device).eval(), card
 
 
-def _diffusers_classes(config: Any, directory: Path, unet_dir: Path) -> ClassCard | None:
+def _diffusers_classes(config: dict[str, Any], directory: Path, unet_dir: Path) -> ClassCard | None:
     """The classes of a diffusers UNet: ``num_class_embeds`` labels, no null class unless dkdm exported it."""
-    if config.class_embed_type is not None:
+    if config.get("class_embed_type") is not None:
         raise CheckpointError(
-            f"{unet_dir}: class_embed_type {config.class_embed_type!r} is not supported (use num_class_embeds)"
+            f"{unet_dir}: class_embed_type {config['class_embed_type']!r} is not supported (use num_class_embeds)"
         )
-    embeds = config.num_class_embeds
+    embeds = config.get("num_class_embeds")
     if embeds is None:
         return None
     exported = directory / "dkdm_card.json"

@@ -1,12 +1,16 @@
-"""Latent space: a diffusers ``AutoencoderKL`` between images and the latents a diffusion models.
+"""Latent space: a diffusers autoencoder between images and the latents a diffusion models.
 
-The project trains a small one on the bundled digits (8x8 -> 3x4x4) or loads a user's from a local
-diffusers folder (safetensors only). Latents are scaled by the autoencoder's ``scaling_factor`` (set
-to 1/std of the training latents, as latent diffusion does) so the diffusion sees unit variance.
+The project trains a small ``AutoencoderKL`` on the bundled digits (8x8 -> 3x4x4) or loads a user's
+from a local diffusers folder (safetensors only): an ``AutoencoderKL`` (DiTPipeline's ``vae``, or the
+project's own) or a ``VQModel`` (LDMPipeline's ``vqvae``; Rombach et al. Sec. 3: the diffusion models
+the latents before quantisation, and decoding quantises them). Latents are scaled by the
+autoencoder's ``scaling_factor`` (set to 1/std of the training latents, as latent diffusion does) so
+the diffusion sees unit variance; decoding divides by it, as both diffusers pipelines do.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +20,19 @@ import torch
 
 if TYPE_CHECKING:
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.autoencoders.vq_model import VQModel
+
+    Autoencoder = AutoencoderKL | VQModel
+
+# The autoencoder classes a latent model decodes with, by the ``_class_name`` of their config.json.
+AUTOENCODER_NAMES = ("AutoencoderKL", "VQModel")
+
+
+def _autoencoder_type(name: str) -> type[AutoencoderKL] | type[VQModel]:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.autoencoders.vq_model import VQModel
+
+    return AutoencoderKL if name == "AutoencoderKL" else VQModel
 
 
 class AutoencoderError(ValueError):
@@ -85,36 +102,55 @@ def save_autoencoder(ae: AutoencoderKL, directory: str | Path) -> Path:
     return out
 
 
+def autoencoder_class(directory: str | Path) -> str:
+    """The ``_class_name`` of an autoencoder folder's config (AutoencoderKL when it names none)."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise AutoencoderError(f"{Path(directory)} is not an autoencoder folder: config.json is missing")
+    try:
+        name = json.loads(path.read_text()).get("_class_name", "AutoencoderKL")
+    except (ValueError, AttributeError) as exc:
+        raise AutoencoderError(f"{path} is not a valid autoencoder config: {exc}") from exc
+    if name not in AUTOENCODER_NAMES:
+        raise AutoencoderError(f"{path}: autoencoder class {name!r} is not supported (AutoencoderKL or VQModel)")
+    return str(name)
+
+
 @lru_cache(maxsize=8)
-def load_autoencoder(directory: str) -> AutoencoderKL:
-    """A diffusers AutoencoderKL folder (config.json + safetensors; pickled weights are refused)."""
+def load_autoencoder(directory: str) -> Autoencoder:
+    """A diffusers AutoencoderKL or VQModel folder (config.json + safetensors; pickled weights are refused)."""
     path = Path(directory)
-    if not (path / "config.json").is_file():
-        raise AutoencoderError(f"{path} is not an autoencoder folder: config.json is missing")
+    name = autoencoder_class(path)
     if not any(path.glob("*.safetensors")):
         raise AutoencoderError(f"{path} has no .safetensors weights (pickled .bin files are not loaded)")
-    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
-
     try:
-        ae = AutoencoderKL.from_pretrained(
+        ae = _autoencoder_type(name).from_pretrained(
             str(path), use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False
         )
     except (OSError, ValueError, TypeError) as exc:
-        raise AutoencoderError(f"{path} could not be loaded as a diffusers AutoencoderKL: {exc}") from exc
+        raise AutoencoderError(f"{path} could not be loaded as a diffusers {name}: {exc}") from exc
     return ae.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def encode(ae: AutoencoderKL, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Images in [-1, 1] (N, C, H, W) -> scaled latents (N, c, h, w): the posterior mode."""
+def encode(ae: Autoencoder, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Images in [-1, 1] (N, C, H, W) -> scaled latents (N, c, h, w): the posterior mode (KL), the
+    unquantised latents (VQ, which LDM's diffusion models)."""
     device = next(ae.parameters()).device
     scale = float(ae.config["scaling_factor"])
-    return torch.cat([ae.encode(x.to(device)).latent_dist.mode().cpu() * scale for x in images.split(batch_size)])
+
+    def one(x: torch.Tensor) -> torch.Tensor:
+        if type(ae).__name__ == "VQModel":  # by name: diffusers stays unimported until a model is made
+            return ae.encode(x.to(device)).latents
+        return ae.encode(x.to(device)).latent_dist.mode()
+
+    return torch.cat([one(x).cpu() * scale for x in images.split(batch_size)])
 
 
 @torch.no_grad()
-def decode(ae: AutoencoderKL, latents: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Scaled latents -> images clipped to [-1, 1], on the CPU."""
+def decode(ae: Autoencoder, latents: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Scaled latents -> images clipped to [-1, 1], on the CPU: ``ae.decode(z / scaling_factor)`` as
+    LDMPipeline and DiTPipeline decode (a VQModel quantises inside ``decode``)."""
     device = next(ae.parameters()).device
     scale = float(ae.config["scaling_factor"])
     return torch.cat([ae.decode(z.to(device) / scale).sample.clamp(-1, 1).cpu() for z in latents.split(batch_size)])

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from dkdm_core.checkpoint import DIFFUSERS_ARCH, ClassCard, ModelCard, build_from_card
+from dkdm_core.checkpoint import DIFFUSERS_ARCHS, ClassCard, ModelCard, build_from_card
 from dkdm_core.diffusion import GaussianDiffusion
 from dkdm_core.guidance import Guidance
 from dkdm_core.models import VECTOR_MODELS, count_parameters
@@ -180,8 +180,8 @@ def _resolve_classes(spec: DistillSpec, teacher: ModelCard) -> dict[str, Any]:
 
 def _parameters(card: ModelCard) -> int | None:
     """Parameter count of the network a card describes, built on the meta device (no memory, no I/O)."""
-    if card.arch == DIFFUSERS_ARCH:
-        return None  # an imported diffusers UNet is rebuilt from its own config, not from the card
+    if card.arch in DIFFUSERS_ARCHS:
+        return None  # an imported diffusers UNet or DiT is rebuilt from its own config, not from the card
     with torch.device("meta"):
         return count_parameters(build_from_card(card))
 
@@ -203,6 +203,8 @@ def _provenance(
         info["objective"] = objective
     if card.classes is not None:
         info["classes"] = _resolve_classes(spec, teacher) | {"num": card.classes.num}
+        if "class_names" in teacher.info:  # e.g. a DiTPipeline's id2label: what the labels mean
+            info["classes"]["names"] = teacher.info["class_names"]
     return info
 
 

@@ -68,9 +68,11 @@ def resource_refusal(spec: DistillSpec, totals: dict[str, float]) -> Refusal | N
 def weights_bytes(model_dir: str | Path) -> int:
     """The size of a model folder's weights on disk: what loading them takes, whatever the architecture."""
     folder = Path(model_dir)
-    # The files load_model reads: model.safetensors, or an imported diffusers UNet's (never the
-    # training checkpoints a teacher folder may also hold).
-    files = list(folder.glob("*.safetensors")) or list((folder / "unet").glob("*.safetensors"))
+    # The files load_model reads: model.safetensors, or an imported diffusers UNet's or DiT's (never
+    # the training checkpoints a teacher folder may also hold).
+    files = list(folder.glob("*.safetensors")) or [
+        p for part in ("unet", "transformer") for p in (folder / part).glob("*.safetensors")
+    ]
     return sum(p.stat().st_size for p in files if p.is_file())
 
 

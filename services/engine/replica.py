@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from dkdm_core.checkpoint import WEIGHTS_FILE, build_from_card, load_weights
+from dkdm_core.checkpoint import DIFFUSERS_ARCHS, WEIGHTS_FILE, build_from_card, import_diffusers, load_weights
 from dkdm_core.plan import JobPlan
 from dkdm_core.pool import Lease, NoisePool
 from dkdm_core.runtime import CPU_FP32
@@ -26,7 +26,10 @@ from services.jobs.store import JobStore
 
 
 def load_teacher(plan: JobPlan, device: torch.device) -> torch.nn.Module:
-    """The teacher's weights in the network the plan's card describes: the card is not read again."""
+    """The teacher's weights in the network the plan's card describes: the card is not read again
+    (an imported diffusers pipeline is rebuilt from its own configs, as the local engine loads it)."""
+    if plan.teacher_card.arch in DIFFUSERS_ARCHS:
+        return import_diffusers(Path(plan.teacher_dir), device)[0]
     model = build_from_card(plan.teacher_card)
     weights = Path(plan.teacher_dir) / WEIGHTS_FILE
     load_weights(model, load_file(str(weights)), str(weights))

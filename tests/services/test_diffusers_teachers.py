@@ -12,11 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, LDMPipeline, UNet2DModel
 
 from dkdm_core.checkpoint import load_model
 from dkdm_core.diffusion import sample_loop, space_timesteps
+from dkdm_core.sampling import draw
 from tests.conftest import run_dkdm
+from tests.latent_pipelines import IMAGE_SIZE, LATENT_SIZE, save_dit, save_ldm
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -135,3 +137,60 @@ def test_unsupported_scheduler_keys_are_named(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line = proc.stderr.strip()
     assert line.startswith("dkdm: error:") and "beta_schedule 'sigmoid' is not supported" in line, line
+
+
+# Latent pipelines: name -> (builder, latent channels, objective auto resolves to, sample args).
+LATENT_TEACHERS: dict[str, tuple[Any, int, str, list[str]]] = {
+    "ldm": (save_ldm, 3, "simple", []),  # VQModel + UNet2DModel + DDIM (fixed β̃ variance)
+    "dit": (save_dit, 4, "dkdm", ["--class", "2"]),  # AutoencoderKL + DiT (learned Σ, 3 classes + null)
+}
+
+
+def distill_args(teacher: Path, out: Path) -> list[str]:
+    sets = {
+        "teacher": teacher,
+        "student.arch": "unet-tiny",
+        "pool.chain_steps": 10,
+        "pool.rho": 0.2,
+        "optim.batch_size": 8,
+        "run.eval_samples": 16,
+        "run.quality_samples": 16,
+        "run.sample_steps": 3,
+        "run.threads": 1,
+    }
+    args = ["distill", "--steps", "3", "--out", str(out), "--quiet"]
+    return args + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+
+
+@pytest.mark.parametrize("name", list(LATENT_TEACHERS))
+def test_latent_pipeline_teacher_distils_in_latent_space_and_samples_decoded_images(name: str, tmp_path: Path) -> None:
+    build, channels, objective, sample_args = LATENT_TEACHERS[name]
+    teacher = build(tmp_path / "teacher")
+    out = tmp_path / "student"
+    run_dkdm(*distill_args(teacher, out))
+    card = json.loads((out / "config.json").read_text())
+    # The student works in the teacher's latent space and carries a copy of its autoencoder.
+    assert (card["channels"], card["image_size"], card["autoencoder"]) == (channels, LATENT_SIZE, "autoencoder")
+    ae = "vqvae" if name == "ldm" else "vae"
+    assert (out / "autoencoder" / "config.json").read_text() == (teacher / ae / "config.json").read_text()
+    assert card["info"]["objective"] == objective
+    if name == "dit":  # labels 0..2, a null class learned from the teacher's, DiTPipeline's w = 4
+        assert card["classes"] == {"num": 3, "null": True, "guidance_scale": 4.0}
+        assert card["info"]["classes"]["names"] == {"0": "cat", "1": "dog", "2": "fish"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert np.isfinite(metrics["teacher_fd"])
+
+    run_dkdm(
+        "sample", "--model", str(out), "--num", "3", "--steps", "3", "--out", str(tmp_path / "s.npz"), *sample_args
+    )
+    images = np.load(tmp_path / "s.npz")["arr_0"]
+    assert images.shape == (3, IMAGE_SIZE, IMAGE_SIZE, 3) and images.dtype == np.uint8  # the pipeline's pixels
+
+    run_dkdm("export", "--model", str(out), "--out", str(tmp_path / "exported"))
+    if name == "ldm":  # a VQ-latent UNet student is an LDMPipeline again
+        pipe = LDMPipeline.from_pretrained(str(tmp_path / "exported"), local_files_only=True)
+        drawn = pipe(batch_size=2, num_inference_steps=3, output_type="np").images
+        assert drawn.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3) and np.isfinite(drawn).all()
+    model, loaded = load_model(tmp_path / "exported")
+    assert loaded.autoencoder is not None and loaded.classes == load_model(out)[1].classes
+    assert draw(model, loaded, 2, seed=0, steps=3).shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
