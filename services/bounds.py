@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 FLOAT_BYTES = 4  # pool samples, knowledge batches, weights and optimiser state are float32
 POOL_INDEX_BYTES = 8 + 1  # per pool sample: its t (int64) and its leased flag (bool)
+SHIP_BYTES = {"fp32": 4, "bf16": 2}  # per element of a shipped knowledge batch (ray.ship_dtype)
 STUDENT_COPIES = 5  # weights, EMA weights, gradients and AdamW's two moments
 
 
@@ -80,6 +81,8 @@ def memory_parts(plan: JobPlan, teacher_weights: int) -> list[MemoryPart]:
     sample = math.prod(plan.sample_shape) * FLOAT_BYTES
     outputs = 2 if plan.teacher_card.learn_sigma else 1  # ε (and the variance output) per sample
     batch_sample = sample * (2 + outputs)  # x_t, x_{t-1} and the teacher's outputs
+    # What a rank's queue holds per sample: x_t and the teacher's outputs, in ray.ship_dtype.
+    shipped_sample = math.prod(plan.sample_shape) * SHIP_BYTES[r.ship_dtype] * (1 + outputs)
     params = int(plan.student_card.info.get("parameters") or 0)
     return [
         # |B+| = ρ·K·b samples in the shards, and once more as the snapshot a checkpoint gathers.
@@ -91,7 +94,7 @@ def memory_parts(plan: JobPlan, teacher_weights: int) -> list[MemoryPart]:
         # Per rank: the queued knowledge batches, one being put and one being trained on.
         MemoryPart(
             "knowledge queues",
-            r.students * (r.queue_size + 2) * plan.rank_batch * batch_sample,
+            r.students * (r.queue_size + 2) * plan.rank_batch * shipped_sample,
             ("ray.queue_size", "optim.batch_size", "ray.students"),
         ),
         # Per replica: the teacher's weights and one chunk of shuffle denoise (inputs and outputs).
