@@ -383,22 +383,7 @@ class DistillSpec(_Strict):
                 f"optim.batch_size ({self.optim.batch_size}) must be a multiple of ray.students "
                 f"({self.ray.students}): each rank trains on b/m samples of the global batch b"
             )
-        self._device_fits_the_placement()
         return self
-
-    def _device_fits_the_placement(self) -> None:
-        """On Ray, actors run where they are placed: on GPUs exactly when ray.*_gpus ask for them."""
-        device, r = self.runtime.device, self.ray
-        if self.engine != "ray" or device == "auto":
-            return
-        gpus = r.teacher_gpus > 0 or r.student_gpus > 0
-        if device.startswith("cuda") and not gpus:
-            raise ValueError(
-                f"runtime.device {device!r} on engine 'ray' needs ray.teacher_gpus or ray.student_gpus above 0: "
-                "Ray places replicas and ranks on GPUs by those (fractions share one GPU)"
-            )
-        if device == "cpu" and gpus:
-            raise ValueError("runtime.device 'cpu' on engine 'ray' needs ray.teacher_gpus and ray.student_gpus at 0")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

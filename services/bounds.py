@@ -44,8 +44,31 @@ def gb(n: float) -> str:
     return f"{n / 1e9:.3g} GB"
 
 
+def placement_refusal(spec: DistillSpec) -> Refusal | None:
+    """A ``runtime.device`` the Ray engine cannot honour: its actors run where Ray places them, on a
+    GPU exactly when ``ray.teacher_gpus`` / ``ray.student_gpus`` ask for one, else on the CPU."""
+    device, r = spec.runtime.device, spec.ray
+    gpus = r.teacher_gpus > 0 or r.student_gpus > 0
+    fields = ("runtime.device", "ray.teacher_gpus", "ray.student_gpus")
+    if device.startswith("cuda") and not gpus:
+        return Refusal(
+            fields,
+            f"runtime.device {device!r} on the ray engine needs ray.teacher_gpus or ray.student_gpus above 0: "
+            "replicas and ranks run on the GPUs Ray gives them (fractions share one GPU)",
+        )
+    if device == "cpu" and gpus:
+        return Refusal(
+            fields, "runtime.device 'cpu' on the ray engine needs ray.teacher_gpus and ray.student_gpus at 0"
+        )
+    return None
+
+
 def resource_refusal(spec: DistillSpec, totals: dict[str, float]) -> Refusal | None:
-    """The job's CPUs or GPUs beyond what the cluster has in all (it could never be placed)."""
+    """The job's CPUs or GPUs beyond what the cluster has in all (it could never be placed), or a
+    device its placement contradicts."""
+    refusal = placement_refusal(spec)
+    if refusal is not None:
+        return refusal
     r = spec.ray
     for kind, teacher, student in (
         ("CPU", r.teacher_cpus, r.student_cpus),

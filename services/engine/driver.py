@@ -310,7 +310,6 @@ class Engine:
 
     def trainer(self, resume: ResumePoint | None) -> TorchTrainer:
         r = self.spec.ray
-        resources = {"CPU": r.student_cpus, **({"GPU": r.student_gpus} if r.student_gpus else {})}
         config = {
             "plan": self.plan.model_dump(),
             "resume_from": str(resume.path) if resume is not None else None,
@@ -327,9 +326,7 @@ class Engine:
             train_loop_per_worker,
             train_loop_config=config,
             torch_config=TorchConfig(backend=ddp_backend(r)),
-            scaling_config=ScalingConfig(
-                num_workers=r.students, use_gpu=r.student_gpus > 0, resources_per_worker=resources
-            ),
+            scaling_config=scaling_config(r),
             run_config=RunConfig(
                 name=TRAIN_RUN_NAME,
                 storage_path=str(self.out / "ray_train"),
@@ -337,6 +334,13 @@ class Engine:
                 checkpoint_config=CheckpointConfig(num_to_keep=3),
             ),
         )
+
+
+def scaling_config(r: RayEngineSpec) -> ScalingConfig:
+    """One Ray Train worker per rank with ``ray.student_cpus`` and ``ray.student_gpus`` each: a fraction
+    packs several ranks (or a rank and replicas) on one GPU, 1 gives each rank a GPU of its own."""
+    resources = {"CPU": r.student_cpus, **({"GPU": r.student_gpus} if r.student_gpus else {})}
+    return ScalingConfig(num_workers=r.students, use_gpu=r.student_gpus > 0, resources_per_worker=resources)
 
 
 def ddp_backend(r: RayEngineSpec) -> str:
