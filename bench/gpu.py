@@ -11,11 +11,15 @@ backward, optimiser, EMA) is timed, and its halves alone: the teacher call (what
 the student update on a ready-made batch (what student ranks do). One JSON object is printed:
 ms/step, samples/s, FLOPs per step (torch's ``FlopCounterMode``, counted once per pair in fp32),
 TFLOP/s and its share of the device's bf16 matmul rate measured in the same run, peak memory.
-``--ray`` adds Ray-engine rows (teacher replicas and a student rank sharing the device) with their
-pipeline efficiency: samples/s over the slower half's rate alone.
+``--ray`` adds Ray-engine rows (``--ray-settings``: pair, precision, compile mode and
+``ray.ship_dtype`` per row; 1 and 2 teacher replicas sharing half the device, a student rank on the
+other half) with their pipeline efficiency, samples/s over the slower half's rate when it runs alone
+(the teacher call or the student update of the local row with the same pair and setting), and their
+speed-up over that local row's whole step.
 
-    python bench/gpu.py                        # on a GPU: every row
-    python bench/gpu.py --quick                # CPU smoke run (CI): tiny steps, fp32 only
+    python bench/gpu.py                        # on a GPU: every local row
+    python bench/gpu.py --ray --local ray      # on a GPU: the Ray rows and the local rows they compare with
+    python bench/gpu.py --quick [--ray]        # CPU smoke run (CI): tiny steps, fp32 only
 """
 
 from __future__ import annotations
@@ -241,6 +245,8 @@ def ray_spec(pair: Pair, setting: RaySetting, args: argparse.Namespace, replicas
                 "teacher_gpus": (0.5 / replicas) if cuda else 0,
                 "student_gpus": 0.5 if cuda else 0,
                 "queue_size": 8,
+                # The first teacher call on a lease compiles (a minute at CIFAR scale): not a dead replica.
+                "lease_timeout_s": 600,
                 "ship_dtype": setting.ship,
             },
         }
@@ -303,10 +309,13 @@ def pipeline_efficiency(rows: list[dict[str, Any]]) -> None:
         row["speedup_vs_local"] = row["samples_per_s"] / match["samples_per_s"]
 
 
-def settings(args: argparse.Namespace) -> list[tuple[str, str]]:
-    if args.quick:
-        return [("fp32", "off")]
-    return [(p, c) for p, c in (s.split("+") for s in args.settings)]
+def local_rows(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """(pair, precision, compile) of every local row: each pair x setting, or with ``--local ray``
+    only those the Ray rows are compared with."""
+    if args.local == "ray":
+        return list(dict.fromkeys((s.pair, s.precision, s.compile) for s in args.ray_settings))
+    chosen = [("fp32", "off")] if args.quick else [(p, c) for p, c in (s.split("+") for s in args.settings)]
+    return [(name, p, c) for name in args.pairs for p, c in chosen]
 
 
 def main() -> None:
@@ -331,6 +340,12 @@ def main() -> None:
         help="PAIR:PRECISION+COMPILE[:SHIP_DTYPE] per Ray row (default: digits fp32+off and tf32+cudagraphs, "
         "cifar bf16+cudagraphs shipped in bf16; --quick: digits and cifar-quarter fp32+off)",
     )
+    parser.add_argument(
+        "--local",
+        choices=["all", "ray"],
+        default="all",
+        help="local rows: every pair x setting, or only those the Ray rows are compared with",
+    )
     parser.add_argument("--ray-replicas", nargs="+", type=int, default=[1, 2], help="teacher replicas per Ray row")
     parser.add_argument("--ray-steps", type=int, default=300)
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: few steps, small pairs, fp32")
@@ -351,21 +366,23 @@ def main() -> None:
     args.device_obj = resolve_runtime(args.device).device
     device = args.device_obj
     rows: list[dict[str, Any]] = []
+    local = local_rows(args)
+    args.pairs = list(dict.fromkeys(name for name, _, _ in local))
+    described = list(dict.fromkeys(args.pairs + ([s.pair for s in args.ray_settings] if args.ray else [])))
     flops = {name: step_flops(PAIRS[name], device, args.rho) for name in args.pairs}
     rate = bf16_matmul_rate(device, args.quick)
-    for name in args.pairs:
-        for precision, mode in settings(args):
-            try:
-                row = bench_setting(PAIRS[name], resolve_runtime(str(device), precision, mode), args)
-            except Exception as exc:  # one failed setting must not lose the other rows
-                row = {"pair": name, "precision": precision, "compile": mode, "error": repr(exc)[:500]}
-                traceback.print_exc()
-            if "ms_per_step" in row:
-                row["flops_per_step"] = flops[name]
-                row["tflop_per_s"] = flops[name] / (row["ms_per_step"] / 1000) / 1e12
-                row["share_of_bf16_matmul_rate"] = flops[name] / (row["ms_per_step"] / 1000) / rate
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    for name, precision, mode in local:
+        try:
+            row = bench_setting(PAIRS[name], resolve_runtime(str(device), precision, mode), args)
+        except Exception as exc:  # one failed setting must not lose the other rows
+            row = {"pair": name, "precision": precision, "compile": mode, "error": repr(exc)[:500]}
+            traceback.print_exc()
+        if "ms_per_step" in row:
+            row["flops_per_step"] = flops[name]
+            row["tflop_per_s"] = flops[name] / (row["ms_per_step"] / 1000) / 1e12
+            row["share_of_bf16_matmul_rate"] = flops[name] / (row["ms_per_step"] / 1000) / rate
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     if args.ray:
         from services.engine.embedded import ray_cluster, redis_url
 
@@ -394,6 +411,7 @@ def main() -> None:
         "bf16_matmul_tflop_per_s": rate / 1e12,
         "steps": args.steps,
         "warmup": args.warmup,
+        "ray_steps": args.ray_steps if args.ray else None,
         "pairs": {
             n: {
                 "teacher": PAIRS[n].teacher if not Path(PAIRS[n].teacher).is_dir() else "assets/teachers/digits",
@@ -404,7 +422,7 @@ def main() -> None:
                     build_model(PAIRS[n].student, PAIRS[n].channels, PAIRS[n].image_size, True)
                 ),
             }
-            for n in args.pairs
+            for n in described
         },
     }
     result = {"setup": setup, "rows": rows}
