@@ -195,7 +195,7 @@ def teacher_folder(pair: Pair, workdir: Path) -> str:
     if not (out / "config.json").is_file():
         torch.manual_seed(0)
         model = build_model(pair.teacher, pair.channels, pair.image_size, True)
-        diffusion = DiffusionSpec(schedule=pair.schedule, num_timesteps=1000)  # type: ignore[arg-type]
+        diffusion = DiffusionSpec(schedule=pair.schedule, num_timesteps=1000)
         card = ModelCard(
             arch=pair.teacher, channels=pair.channels, image_size=pair.image_size, learn_sigma=True, diffusion=diffusion
         )
