@@ -11,11 +11,15 @@ backward, optimiser, EMA) is timed, and its halves alone: the teacher call (what
 the student update on a ready-made batch (what student ranks do). One JSON object is printed:
 ms/step, samples/s, FLOPs per step (torch's ``FlopCounterMode``, counted once per pair in fp32),
 TFLOP/s and its share of the device's bf16 matmul rate measured in the same run, peak memory.
-``--ray`` adds Ray-engine rows (teacher replicas and a student rank sharing the device) with their
-pipeline efficiency: samples/s over the slower half's rate alone.
+``--ray`` adds Ray-engine rows (``--ray-settings``: pair, precision, compile mode and
+``ray.ship_dtype`` per row; 1 and 2 teacher replicas sharing half the device, a student rank on the
+other half) with their pipeline efficiency, samples/s over the slower half's rate when it runs alone
+(the teacher call or the student update of the local row with the same pair and setting), and their
+speed-up over that local row's whole step.
 
-    python bench/gpu.py                        # on a GPU: every row
-    python bench/gpu.py --quick                # CPU smoke run (CI): tiny steps, fp32 only
+    python bench/gpu.py                        # on a GPU: every local row
+    python bench/gpu.py --ray --local ray      # on a GPU: the Ray rows and the local rows they compare with
+    python bench/gpu.py --quick [--ray]        # CPU smoke run (CI): tiny steps, fp32 only
 """
 
 from __future__ import annotations
@@ -34,12 +38,12 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dkdm_core.checkpoint import load_model
+from dkdm_core.checkpoint import ModelCard, load_model, save_model
 from dkdm_core.diffusion import make_diffusion
 from dkdm_core.models import build_model, count_parameters
 from dkdm_core.pool import NoisePool, pool_size
 from dkdm_core.runtime import Runtime, resolve_runtime
-from dkdm_core.spec import OptimSpec
+from dkdm_core.spec import DiffusionSpec, DistillSpec, OptimSpec
 from dkdm_core.training import Distiller, KnowledgeBatch, read_logs, student_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,82 +166,156 @@ def bench_setting(pair: Pair, runtime: Runtime, args: argparse.Namespace) -> dic
     return row
 
 
-def bench_ray(pair: Pair, args: argparse.Namespace, replicas: int, workdir: Path, redis: str) -> dict[str, Any]:
-    """The Ray engine on the same device: replicas and one student rank share it (fractional GPUs)."""
-    from dkdm_core.spec import DistillSpec
-    from services.engine.driver import run_job
-    from services.jobs.store import JobStore
+@dataclass(frozen=True)
+class RaySetting:
+    """One Ray row's pair, precision, compile mode and ``ray.ship_dtype``: ``pair:precision+compile[:ship]``."""
 
-    out = workdir / f"ray-{pair.name}-{replicas}"
+    pair: str
+    precision: str
+    compile: str
+    ship: str = "fp32"
+
+    @classmethod
+    def parse(cls, text: str) -> RaySetting:
+        pair, setting, *ship = text.split(":")
+        precision, _, mode = setting.partition("+")
+        if pair not in PAIRS or not mode or len(ship) > 1:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected PAIR:PRECISION+COMPILE[:SHIP], PAIR in {sorted(PAIRS)}"
+            )
+        return cls(pair, precision, mode, *ship)
+
+
+def teacher_folder(pair: Pair, workdir: Path) -> str:
+    """The pair's teacher as a model folder (what the Ray engine's replicas load): the bundled one, or
+    the registry network with random weights saved once (speed does not depend on the weights)."""
+    if Path(pair.teacher).is_dir():
+        return pair.teacher
+    out = workdir / f"teacher-{pair.name}"
+    if not (out / "config.json").is_file():
+        torch.manual_seed(0)
+        model = build_model(pair.teacher, pair.channels, pair.image_size, True)
+        diffusion = DiffusionSpec(schedule=pair.schedule, num_timesteps=1000)
+        card = ModelCard(
+            arch=pair.teacher, channels=pair.channels, image_size=pair.image_size, learn_sigma=True, diffusion=diffusion
+        )
+        save_model(out, model, card)
+    return str(out)
+
+
+def ray_spec(pair: Pair, setting: RaySetting, args: argparse.Namespace, replicas: int, workdir: Path) -> DistillSpec:
+    """A Ray job on one device: replicas share half of it, the student rank has the other half.
+
+    The pool starts from teacher trajectories, one per ``chain`` samples, all stepped in one batch
+    shape: a compiled teacher then records one extra graph, where shuffle denoise would record one
+    per chunk size and cost ~ρ·K²·b/2 teacher calls (hours at K = 1000).
+    """
     cuda = args.device_obj.type == "cuda"
-    spec = DistillSpec.model_validate(
+    chain = pair.chain_steps or 1000
+    log_every = 1 if args.quick else 10  # a logged step reads its losses and writes Redis: not every step
+    return DistillSpec.model_validate(
         {
-            "teacher": pair.teacher,
+            "teacher": teacher_folder(pair, workdir),
             "student": {"arch": pair.student},
-            "pool": {"strategy": "dynamic", "rho": 0.1, "chain_steps": pair.chain_steps},
+            "pool": {
+                "strategy": "dynamic",
+                "rho": 0.1,
+                "chain_steps": pair.chain_steps,
+                "init": "trajectory",
+                "per_trajectory": chain,
+            },
             "optim": {"batch_size": pair.batch, "lr": 1e-4, "warmup_steps": 10},
-            "teacher_batch_size": 1024,
+            "teacher_batch_size": pair.batch,
             "steps": args.ray_steps,
             "engine": "ray",
-            "out": str(out),
-            "run": {"log_every": 1, "checkpoint_every": 10**9, "eval_samples": 16, "sample_steps": 2},
+            "out": str(workdir / f"ray-{pair.name}-{setting.precision}-{setting.compile}-{replicas}"),
+            "run": {
+                "log_every": log_every,
+                "checkpoint_every": 10**9,
+                "eval_samples": 16,
+                "quality_samples": 0,
+                "sample_steps": 2,
+            },
+            "runtime": {"precision": setting.precision, "compile": setting.compile},
             "ray": {
                 "teacher_replicas": replicas,
-                "teacher_cpus": 1 / replicas,
+                # A core per replica on a GPU machine (its host work: Ray calls, launches); on two
+                # CPU cores the replicas share one and the student has the other.
+                "teacher_cpus": 1 if cuda else 1 / replicas,
                 "teacher_gpus": (0.5 / replicas) if cuda else 0,
                 "student_gpus": 0.5 if cuda else 0,
                 "queue_size": 8,
+                # The first teacher call on a lease compiles (a minute at CIFAR scale): not a dead replica.
+                "lease_timeout_s": 600,
+                "ship_dtype": setting.ship,
             },
         }
     )
-    job_id = f"gpu-bench-{pair.name}-{replicas}-{os.getpid()}"
+
+
+def bench_ray(
+    setting: RaySetting, args: argparse.Namespace, replicas: int, workdir: Path, redis: str
+) -> dict[str, Any]:
+    """The Ray engine on the same device as the local rows: teacher replicas and one student rank."""
+    from services.engine.driver import run_job
+    from services.jobs.store import JobStore
+
+    pair = PAIRS[setting.pair]
+    spec = ray_spec(pair, setting, args, replicas, workdir)
+    job_id = f"gpu-bench-{pair.name}-{replicas}-{os.getpid()}-{time.monotonic_ns()}"
+    started = time.perf_counter()
     run_job(spec, job_id, redis, progress=False)
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    warm = args.ray_steps // 4
-    start = next(r for r in records if r["step"] == warm)
+    records = [json.loads(line) for line in (Path(spec.out) / "log.jsonl").read_text().splitlines()]
+    # Steady state: from the logged step nearest a quarter of the run (compilation, queue filling before).
+    warm = min((r for r in records if r["step"] >= args.ray_steps // 4), key=lambda r: r["step"])
     end = records[-1]
-    rate = (end["step"] - warm) * pair.batch / (end["elapsed_s"] - start["elapsed_s"])
+    rate = (end["step"] - warm["step"]) * pair.batch / (end["elapsed_s"] - warm["elapsed_s"])
     c = JobStore(redis, job_id).counters()
     busy, wait = c.get("student_busy_seconds", 0.0), c.get("student_wait_seconds", 0.0)
     return {
         "pair": pair.name,
         "engine": "ray",
+        "precision": setting.precision,
+        "compile": setting.compile,
+        "ship_dtype": setting.ship,
         "teacher_replicas": replicas,
+        "teacher_gpus": spec.ray.teacher_gpus,
+        "student_gpus": spec.ray.student_gpus,
         "samples_per_s": rate,
         "ms_per_step": 1000 * pair.batch / rate,
         "student_idle_fraction": wait / (busy + wait) if busy + wait else None,
+        "job_seconds": time.perf_counter() - started,
     }
 
 
 def pipeline_efficiency(rows: list[dict[str, Any]]) -> None:
-    """Ray rows: samples/s over the slower half's rate alone (the digits fp32 row's teacher call and
-    student update, timed alone on the whole device), and the speed-up over that local row."""
-    local = next(
-        (
-            r
-            for r in rows
-            if r.get("engine") == "local"
-            and r["pair"] == "digits"
-            and "teacher_ms" in r
-            and r["precision"] == "fp32"
-            and r["compile"] == "off"
-        ),
-        None,
-    )
-    if local is None:
-        return
-    batch = PAIRS["digits"].batch
-    slower = min(batch / local["teacher_ms"], batch / local["student_ms"]) * 1000
+    """Ray rows: samples/s over the slower half's rate when it runs alone (the teacher call and the
+    student update of the local row with the same pair, precision and compile mode, timed alone on
+    the whole device), and the speed-up over that local row's whole step."""
+    local = {
+        (r["pair"], r["precision"], r["compile"]): r for r in rows if r.get("engine") == "local" and "teacher_ms" in r
+    }
     for row in rows:
-        if row.get("engine") == "ray" and "samples_per_s" in row:
-            row["pipeline_efficiency"] = row["samples_per_s"] / slower
-            row["speedup_vs_local_fp32"] = row["samples_per_s"] / local["samples_per_s"]
+        if row.get("engine") != "ray" or "samples_per_s" not in row:
+            continue
+        match = local.get((row["pair"], row["precision"], row["compile"]))
+        if match is None:  # no local row of this setting in the run: nothing to compare with
+            row["pipeline_efficiency"] = row["speedup_vs_local"] = None
+            continue
+        batch = PAIRS[row["pair"]].batch
+        slower = 1000 * batch / max(match["teacher_ms"], match["student_ms"])
+        row["slower_side"] = "teacher" if match["teacher_ms"] >= match["student_ms"] else "student"
+        row["pipeline_efficiency"] = row["samples_per_s"] / slower
+        row["speedup_vs_local"] = row["samples_per_s"] / match["samples_per_s"]
 
 
-def settings(args: argparse.Namespace) -> list[tuple[str, str]]:
-    if args.quick:
-        return [("fp32", "off")]
-    return [(p, c) for p, c in (s.split("+") for s in args.settings)]
+def local_rows(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """(pair, precision, compile) of every local row: each pair x setting, or with ``--local ray``
+    only those the Ray rows are compared with."""
+    if args.local == "ray":
+        return list(dict.fromkeys((s.pair, s.precision, s.compile) for s in args.ray_settings))
+    chosen = [("fp32", "off")] if args.quick else [(p, c) for p, c in (s.split("+") for s in args.settings)]
+    return [(name, p, c) for name in args.pairs for p, c in chosen]
 
 
 def main() -> None:
@@ -253,44 +331,79 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rho", type=float, default=0.4)
-    parser.add_argument("--ray", action="store_true", help="add Ray-engine rows (digits pair)")
-    parser.add_argument("--ray-steps", type=int, default=200)
+    parser.add_argument("--ray", action="store_true", help="add Ray-engine rows (--ray-settings)")
+    parser.add_argument(
+        "--ray-settings",
+        nargs="+",
+        type=RaySetting.parse,
+        default=None,
+        help="PAIR:PRECISION+COMPILE[:SHIP_DTYPE] per Ray row (default: digits fp32+off and tf32+cudagraphs, "
+        "cifar bf16+cudagraphs shipped in bf16; --quick: digits and cifar-quarter fp32+off)",
+    )
+    parser.add_argument(
+        "--local",
+        choices=["all", "ray"],
+        default="all",
+        help="local rows: every pair x setting, or only those the Ray rows are compared with",
+    )
+    parser.add_argument("--ray-replicas", nargs="+", type=int, default=[1, 2], help="teacher replicas per Ray row")
+    parser.add_argument("--ray-steps", type=int, default=300)
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: few steps, small pairs, fp32")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
     if args.quick:
         args.device, args.steps, args.warmup, args.rho, args.ray_steps = "cpu", 2, 1, 0.1, 12
         args.pairs = ["digits", "cifar-quarter"]
+        args.ray_settings = args.ray_settings or [
+            RaySetting("digits", "fp32", "off"),
+            RaySetting("cifar-quarter", "fp32", "off", "bf16"),
+        ]
+    args.ray_settings = args.ray_settings or [
+        RaySetting("digits", "fp32", "off"),
+        RaySetting("digits", "tf32", "cudagraphs"),
+        RaySetting("cifar", "bf16", "cudagraphs", "bf16"),
+    ]
     args.device_obj = resolve_runtime(args.device).device
     device = args.device_obj
     rows: list[dict[str, Any]] = []
+    local = local_rows(args)
+    args.pairs = list(dict.fromkeys(name for name, _, _ in local))
+    described = list(dict.fromkeys(args.pairs + ([s.pair for s in args.ray_settings] if args.ray else [])))
     flops = {name: step_flops(PAIRS[name], device, args.rho) for name in args.pairs}
     rate = bf16_matmul_rate(device, args.quick)
-    for name in args.pairs:
-        for precision, mode in settings(args):
-            try:
-                row = bench_setting(PAIRS[name], resolve_runtime(str(device), precision, mode), args)
-            except Exception as exc:  # one failed setting must not lose the other rows
-                row = {"pair": name, "precision": precision, "compile": mode, "error": repr(exc)[:500]}
-                traceback.print_exc()
-            if "ms_per_step" in row:
-                row["flops_per_step"] = flops[name]
-                row["tflop_per_s"] = flops[name] / (row["ms_per_step"] / 1000) / 1e12
-                row["share_of_bf16_matmul_rate"] = flops[name] / (row["ms_per_step"] / 1000) / rate
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    for name, precision, mode in local:
+        try:
+            row = bench_setting(PAIRS[name], resolve_runtime(str(device), precision, mode), args)
+        except Exception as exc:  # one failed setting must not lose the other rows
+            row = {"pair": name, "precision": precision, "compile": mode, "error": repr(exc)[:500]}
+            traceback.print_exc()
+        if "ms_per_step" in row:
+            row["flops_per_step"] = flops[name]
+            row["tflop_per_s"] = flops[name] / (row["ms_per_step"] / 1000) / 1e12
+            row["share_of_bf16_matmul_rate"] = flops[name] / (row["ms_per_step"] / 1000) / rate
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     if args.ray:
         from services.engine.embedded import ray_cluster, redis_url
 
         with tempfile.TemporaryDirectory(prefix="dkdm-gpu-bench-") as tmp, redis_url() as url, ray_cluster():
-            for replicas in (1, 2):
-                try:
-                    row = bench_ray(PAIRS["digits"], args, replicas, Path(tmp), url)
-                except Exception as exc:
-                    row = {"pair": "digits", "engine": "ray", "teacher_replicas": replicas, "error": repr(exc)[:500]}
-                    traceback.print_exc()
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+            for setting in args.ray_settings:
+                for replicas in args.ray_replicas:
+                    try:
+                        row = bench_ray(setting, args, replicas, Path(tmp), url)
+                    except Exception as exc:  # one failed row must not lose the others
+                        row = {
+                            "pair": setting.pair,
+                            "engine": "ray",
+                            "precision": setting.precision,
+                            "compile": setting.compile,
+                            "ship_dtype": setting.ship,
+                            "teacher_replicas": replicas,
+                            "error": repr(exc)[:500],
+                        }
+                        traceback.print_exc()
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     pipeline_efficiency(rows)
     setup = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
@@ -298,6 +411,7 @@ def main() -> None:
         "bf16_matmul_tflop_per_s": rate / 1e12,
         "steps": args.steps,
         "warmup": args.warmup,
+        "ray_steps": args.ray_steps if args.ray else None,
         "pairs": {
             n: {
                 "teacher": PAIRS[n].teacher if not Path(PAIRS[n].teacher).is_dir() else "assets/teachers/digits",
@@ -308,7 +422,7 @@ def main() -> None:
                     build_model(PAIRS[n].student, PAIRS[n].channels, PAIRS[n].image_size, True)
                 ),
             }
-            for n in args.pairs
+            for n in described
         },
     }
     result = {"setup": setup, "rows": rows}

@@ -229,11 +229,18 @@ class RayEngineSpec(_Strict):
     shards: int = Field(1, ge=1, le=1024)  # PoolShard actors, each owning a slice of the pool
     teacher_replicas: int = Field(1, ge=1, le=1024)  # TeacherReplica actors advancing the pool
     teacher_cpus: float = Field(1.0, ge=0)  # per replica; fractions pack several replicas on one core
-    teacher_gpus: float = Field(0.0, ge=0)  # per replica; fractions share one GPU between replicas
+    # Per replica; fractions share one GPU between replicas. A replica's teacher runs on one device,
+    # so more than 1 would hold GPUs it never uses.
+    teacher_gpus: float = Field(0.0, ge=0, le=1)
     students: int = Field(1, ge=1, le=1024)  # Ray Train workers (DDP ranks); each trains on b/m samples
     student_cpus: float = Field(1.0, gt=0)
-    student_gpus: float = Field(0.0, ge=0)
+    student_gpus: float = Field(0.0, ge=0, le=1)  # per rank, as teacher_gpus (1: DDP over NCCL)
     queue_size: int = Field(4, ge=1, le=4096)  # knowledge batches buffered per rank: bounds memory and lag
+    # The dtype x_t and the teacher's output travel in from replica to rank (t and labels stay integers;
+    # x_{t-1} goes back to its shard in fp32 whatever this says). bf16 halves the bytes through the host
+    # and the object store, at bf16's rounding of the student's inputs and targets; fp32 keeps the
+    # engine bit-exact with the local one.
+    ship_dtype: Literal["fp32", "bf16"] = "fp32"
     lease_timeout_s: float = Field(60.0, gt=0)  # a lease not returned by then (dead replica) is re-issued
     max_replica_restarts: int = Field(3, ge=0)  # dead replicas replaced before the job fails
     max_student_failures: int = Field(3, ge=0)  # Ray Train worker-group restarts from the last checkpoint

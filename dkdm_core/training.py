@@ -308,6 +308,19 @@ class KnowledgeBatch:
     labels: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class StudentBatch:
+    """A knowledge batch as a student needs it: without x̂_{t-1}, which only goes back to the pool.
+
+    What the Ray engine ships to a student rank (x_t and teacher_output possibly in bf16).
+    """
+
+    x_t: torch.Tensor  # (b, C, H, W)
+    t: torch.Tensor  # (b,)
+    teacher_output: torch.Tensor  # (b, k·C, H, W)
+    labels: torch.Tensor | None = None  # (b,) long, or None
+
+
 @torch.no_grad()
 def teacher_step(
     teacher: ConditionalFn,
@@ -371,7 +384,7 @@ def conditional_teacher_step(
 def student_loss(
     student: ModelFn | ConditionalFn,
     chain: GaussianDiffusion,
-    batch: KnowledgeBatch,
+    batch: KnowledgeBatch | StudentBatch,
     vlb_weight: float,
     mode: ObjectiveMode,
 ) -> LossTerms:
@@ -559,14 +572,19 @@ class Learner(Trainer):
         self.vlb_weight = vlb_weight
         self.mode: ObjectiveMode = mode
 
-    def learn(self, batch: KnowledgeBatch) -> StepLogs:
+    def learn(self, batch: KnowledgeBatch | StudentBatch) -> StepLogs:
         self.runtime.begin_step()
-        batch = KnowledgeBatch(
-            x_t=batch.x_t.to(self.device, non_blocking=True),
+        batch = StudentBatch(
+            x_t=_fp32_on(batch.x_t, self.device),
             t=batch.t.to(self.device, non_blocking=True),
-            teacher_output=batch.teacher_output.to(self.device, torch.float32, non_blocking=True),
-            x_prev=batch.x_prev,
+            teacher_output=_fp32_on(batch.teacher_output, self.device),
             labels=None if batch.labels is None else batch.labels.to(self.device, non_blocking=True),
         )
         terms = student_loss(self.run_student, self.chain, batch, self.vlb_weight, self.mode)
         return {**self.optimizer_step(terms), **per_student(self.model, self.chain, batch.t, terms)}
+
+
+def _fp32_on(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` on ``device`` in fp32: moved first, then cast, so a bf16 batch crosses to the GPU at half
+    the bytes (a copy that also converts is converted on the host); a no-op for fp32 on its device."""
+    return x.to(device, non_blocking=True).float()

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 FLOAT_BYTES = 4  # pool samples, knowledge batches, weights and optimiser state are float32
 POOL_INDEX_BYTES = 8 + 1  # per pool sample: its t (int64) and its leased flag (bool)
+SHIP_BYTES = {"fp32": 4, "bf16": 2}  # per element of a shipped knowledge batch (ray.ship_dtype)
 STUDENT_COPIES = 5  # weights, EMA weights, gradients and AdamW's two moments
 
 
@@ -43,8 +44,31 @@ def gb(n: float) -> str:
     return f"{n / 1e9:.3g} GB"
 
 
+def placement_refusal(spec: DistillSpec) -> Refusal | None:
+    """A ``runtime.device`` the Ray engine cannot honour: its actors run where Ray places them, on a
+    GPU exactly when ``ray.teacher_gpus`` / ``ray.student_gpus`` ask for one, else on the CPU."""
+    device, r = spec.runtime.device, spec.ray
+    gpus = r.teacher_gpus > 0 or r.student_gpus > 0
+    fields = ("runtime.device", "ray.teacher_gpus", "ray.student_gpus")
+    if device.startswith("cuda") and not gpus:
+        return Refusal(
+            fields,
+            f"runtime.device {device!r} on the ray engine needs ray.teacher_gpus or ray.student_gpus above 0: "
+            "replicas and ranks run on the GPUs Ray gives them (fractions share one GPU)",
+        )
+    if device == "cpu" and gpus:
+        return Refusal(
+            fields, "runtime.device 'cpu' on the ray engine needs ray.teacher_gpus and ray.student_gpus at 0"
+        )
+    return None
+
+
 def resource_refusal(spec: DistillSpec, totals: dict[str, float]) -> Refusal | None:
-    """The job's CPUs or GPUs beyond what the cluster has in all (it could never be placed)."""
+    """The job's CPUs or GPUs beyond what the cluster has in all (it could never be placed), or a
+    device its placement contradicts."""
+    refusal = placement_refusal(spec)
+    if refusal is not None:
+        return refusal
     r = spec.ray
     for kind, teacher, student in (
         ("CPU", r.teacher_cpus, r.student_cpus),
@@ -82,6 +106,8 @@ def memory_parts(plan: JobPlan, teacher_weights: int) -> list[MemoryPart]:
     sample = math.prod(plan.sample_shape) * FLOAT_BYTES
     outputs = 2 if plan.teacher_card.learn_sigma else 1  # ε (and the variance output) per sample
     batch_sample = sample * (2 + outputs)  # x_t, x_{t-1} and the teacher's outputs
+    # What a rank's queue holds per sample: x_t and the teacher's outputs, in ray.ship_dtype.
+    shipped_sample = math.prod(plan.sample_shape) * SHIP_BYTES[r.ship_dtype] * (1 + outputs)
     params = int(plan.student_card.info.get("parameters") or 0)
     return [
         # |B+| = ρ·K·b samples in the shards, and once more as the snapshot a checkpoint gathers.
@@ -93,7 +119,7 @@ def memory_parts(plan: JobPlan, teacher_weights: int) -> list[MemoryPart]:
         # Per rank: the queued knowledge batches, one being put and one being trained on.
         MemoryPart(
             "knowledge queues",
-            r.students * (r.queue_size + 2) * plan.rank_batch * batch_sample,
+            r.students * (r.queue_size + 2) * plan.rank_batch * shipped_sample,
             ("ray.queue_size", "optim.batch_size", "ray.students"),
         ),
         # Per replica: the teacher's weights and one chunk of shuffle denoise (inputs and outputs).

@@ -31,12 +31,12 @@ import redis
 import torch
 import yaml
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 from tqdm import tqdm
 
 from dkdm_core.checkpoint import TRAIN_STATE_FILE, load_model, load_train_state, read_card, save_model
 from dkdm_core.plan import JobPlan, make_plan
-from dkdm_core.spec import DistillSpec
+from dkdm_core.spec import DistillSpec, RayEngineSpec
 from services.bounds import resource_refusal
 from services.engine.batch_queue import BatchQueue
 from services.engine.replica import TeacherReplica
@@ -310,7 +310,6 @@ class Engine:
 
     def trainer(self, resume: ResumePoint | None) -> TorchTrainer:
         r = self.spec.ray
-        resources = {"CPU": r.student_cpus, **({"GPU": r.student_gpus} if r.student_gpus else {})}
         config = {
             "plan": self.plan.model_dump(),
             "resume_from": str(resume.path) if resume is not None else None,
@@ -326,9 +325,8 @@ class Engine:
         return TorchTrainer(
             train_loop_per_worker,
             train_loop_config=config,
-            scaling_config=ScalingConfig(
-                num_workers=r.students, use_gpu=r.student_gpus > 0, resources_per_worker=resources
-            ),
+            torch_config=TorchConfig(backend=ddp_backend(r)),
+            scaling_config=scaling_config(r),
             run_config=RunConfig(
                 name=TRAIN_RUN_NAME,
                 storage_path=str(self.out / "ray_train"),
@@ -336,6 +334,19 @@ class Engine:
                 checkpoint_config=CheckpointConfig(num_to_keep=3),
             ),
         )
+
+
+def scaling_config(r: RayEngineSpec) -> ScalingConfig:
+    """One Ray Train worker per rank with ``ray.student_cpus`` and ``ray.student_gpus`` each: a fraction
+    packs several ranks (or a rank and replicas) on one GPU, 1 gives each rank a GPU of its own."""
+    resources = {"CPU": r.student_cpus, **({"GPU": r.student_gpus} if r.student_gpus else {})}
+    return ScalingConfig(num_workers=r.students, use_gpu=r.student_gpus > 0, resources_per_worker=resources)
+
+
+def ddp_backend(r: RayEngineSpec) -> str:
+    """NCCL when every rank holds a whole GPU; gloo on CPUs and when ranks take fractions of a GPU:
+    two ranks may then share one device, which NCCL refuses ("Duplicate GPU detected")."""
+    return "nccl" if r.student_gpus >= 1 else "gloo"
 
 
 def check_resources(spec: DistillSpec) -> None:

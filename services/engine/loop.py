@@ -18,7 +18,7 @@ import ray
 import torch
 
 from dkdm_core.pool import Lease
-from dkdm_core.training import KnowledgeBatch
+from dkdm_core.training import StudentBatch
 from services.jobs.keys import lease_field
 from services.jobs.store import JobStore
 
@@ -43,10 +43,13 @@ def blocking(method: Any) -> Callable[..., Any]:
 
 @dataclass(frozen=True)
 class Knowledge:
-    """What travels to a student rank: the batch and its job-unique id (for exactly-once checks)."""
+    """What travels to a student rank: the batch and its job-unique id (for exactly-once checks).
+
+    Only what the student reads: x̂_{t-1} went back to its shard and does not travel a second time.
+    """
 
     batch_id: str
-    batch: KnowledgeBatch
+    batch: StudentBatch
 
 
 class ReplicaLoop:
@@ -118,9 +121,9 @@ class ReplicaLoop:
         k, lease = taken
         if self.store is not None:
             self.store.open_lease(k, lease.lease_id, self.name)
-        batch = self.replica.teach(lease)
+        x_prev, batch = self.replica.teach(lease)
         t2 = time.perf_counter()
-        accepted = self.puts[k](lease.lease_id, batch.x_prev)
+        accepted = self.puts[k](lease.lease_id, x_prev)
         t3 = time.perf_counter()
         b = lease.ids.numel()
         if self.store is not None:  # the lease is closed in the shard: close it in the table too

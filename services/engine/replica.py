@@ -4,6 +4,10 @@ One plain class: the driver places it as a Ray actor (threaded, so ``stop`` is a
 ``run`` loops); unit tests drive ``init_shard`` and ``teach`` directly. The teacher step itself is
 ``dkdm_core.training.Teacher``, the same object the local engine's ``Distiller`` steps through, and
 the noise seed comes from the plan, so replica 0 of a fresh job reproduces the local engine.
+
+The teacher runs as the job's ``runtime`` section says, resolved here for the device Ray gave this
+actor (the driver may have none): on a GPU in bf16 and compiled by default, its noise from a seeded
+generator on the device; on the CPU in fp32, uncompiled, with a CPU generator, as the local engine.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from safetensors.torch import load_file
 from dkdm_core.checkpoint import DIFFUSERS_ARCHS, WEIGHTS_FILE, build_from_card, import_diffusers, load_weights
 from dkdm_core.plan import JobPlan
 from dkdm_core.pool import Lease, NoisePool
-from dkdm_core.runtime import CPU_FP32
-from dkdm_core.training import KnowledgeBatch, Teacher
+from dkdm_core.runtime import Runtime, resolve_runtime
+from dkdm_core.training import StudentBatch, Teacher
 from services.engine.loop import ReplicaLoop, blocking
 from services.jobs.store import JobStore
 
@@ -34,6 +38,37 @@ def load_teacher(plan: JobPlan, device: torch.device) -> torch.nn.Module:
     weights = Path(plan.teacher_dir) / WEIGHTS_FILE
     load_weights(model, load_file(str(weights)), str(weights))
     return model.to(device)
+
+
+SHIP_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # ``ray.ship_dtype``
+
+
+def actor_runtime(plan: JobPlan, device: str) -> Runtime:
+    """The job's runtime resolved for ``device``, the one Ray placed this actor on, and applied.
+
+    ``compile: step`` records a whole local step (lease, teacher, loss, update) as one CUDA graph;
+    a replica or a rank holds only half a step, so it compiles its network as ``default`` does.
+    """
+    r = plan.spec.runtime
+    runtime = resolve_runtime(device, r.precision, r.compile)
+    if runtime.compile == "step":
+        runtime = replace(runtime, compile="default")
+    runtime.apply_global()
+    return runtime
+
+
+def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` on the host: GPU ones copied without blocking into pinned memory, then one wait
+    for all of them (instead of one synchronising ``.cpu()`` each); CPU ones as they are."""
+    cuda = [x for x in tensors if x.is_cuda]
+    if not cuda:
+        return tensors
+    out = [
+        torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True) if x.is_cuda else x
+        for x in tensors
+    ]
+    torch.cuda.current_stream(cuda[0].device).synchronize()
+    return out
 
 
 class TeacherReplica:
@@ -54,11 +89,12 @@ class TeacherReplica:
         self.plan = JobPlan.model_validate(plan)
         self.index = index
         self.name = f"teacher-{index}"
-        # fp32 and a CPU generator, as the local engine on the CPU: replica 0 reproduces its noise.
-        runtime = replace(CPU_FP32, device=torch.device(device))
-        rng = torch.Generator().manual_seed(self.plan.teacher_seed(index, generation))
+        runtime = actor_runtime(self.plan, device)
+        # A CPU generator on the CPU (replica 0 reproduces the local engine's noise), a device one on a GPU.
+        rng = runtime.generator(self.plan.teacher_seed(index, generation))
         teacher = load_teacher(self.plan, runtime.device)
         self.teacher = Teacher(teacher, self.plan.build_chain(), rng, runtime, self.plan.guidance())
+        self.ship_dtype = SHIP_DTYPES[self.plan.spec.ray.ship_dtype]
         self.store = JobStore(redis_url, job_id, ride_out_s=ride_out_s) if redis_url and job_id else None
         self.stop_event = threading.Event()
 
@@ -81,16 +117,17 @@ class TeacherReplica:
             self.store.add(pool_init_teacher_evaluations=spent)
         return {"pool": pool.state_dict(), "advanced": 0}
 
-    def teach(self, lease: Lease) -> KnowledgeBatch:
-        """One no-grad teacher call on a lease; every tensor of the result is on the CPU."""
+    def teach(self, lease: Lease) -> tuple[torch.Tensor, StudentBatch]:
+        """One no-grad teacher call on a lease: x̂_{t-1} (fp32) for the lease's shard, and what a
+        student rank needs, x_t and the teacher's output in ``ray.ship_dtype``; all on the host."""
+        self.teacher.runtime.begin_step()
         batch = self.teacher.teach(lease)
-        return KnowledgeBatch(
-            x_t=batch.x_t.cpu(),
-            t=batch.t.cpu(),
-            teacher_output=batch.teacher_output.cpu(),
-            x_prev=batch.x_prev.cpu(),
-            labels=None if batch.labels is None else batch.labels.cpu(),
-        )
+        ship = self.ship_dtype
+        # The lease's x_t and t are on the host already: only a cast (on the device) makes a copy.
+        x_t = lease.x_t if ship == torch.float32 else batch.x_t.to(ship)
+        labels = [] if batch.labels is None else [batch.labels]  # some set to the null class here
+        x_prev, x_t, target, *rest = to_host([batch.x_prev, x_t, batch.teacher_output.to(ship), *labels])
+        return x_prev, StudentBatch(x_t=x_t, t=lease.t, teacher_output=target, labels=rest[0] if rest else None)
 
     def run(self, shards: list[Any], queues: list[Any], attempt: int) -> dict[str, int]:
         """Lease from the shard actors and feed the rank queues until ``stop``; returns what it did."""

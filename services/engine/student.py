@@ -5,6 +5,10 @@ queue; ``train_loop_per_worker`` is the short Ray Train function around it. Rank
 batch b into b/m per rank; with m > 1 the student is wrapped in DistributedDataParallel, whose
 all-reduce averages the per-rank gradients into the gradient of the mean over all b samples, so the
 update does not depend on how the batch was sharded.
+
+A rank's student runs as the job's ``runtime`` section says, resolved for the device Ray Train gave
+it (``services.engine.replica.actor_runtime``): on a GPU under bf16 autocast with fp32 master weights
+and compiled by default; on the CPU in fp32, uncompiled, as the local engine.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +31,11 @@ import torch.distributed as dist
 
 from dkdm_core.checkpoint import load_train_state, save_checkpoint, save_model
 from dkdm_core.plan import JobPlan
+from dkdm_core.runtime import compiled
 from dkdm_core.students import init_student
 from dkdm_core.training import Learner, StepLogs, read_logs
 from services.engine.loop import Knowledge
+from services.engine.replica import actor_runtime
 from services.jobs.client import RedisUnavailable
 from services.jobs.store import JobStore, RecordGone
 from services.quality import quality_at
@@ -61,7 +68,12 @@ class StudentRank:
         spec = plan.spec
         # The student as the local engine builds it: same seed, same initial weights, same chain.
         self.learner = Learner(
-            init_student(plan), plan.build_chain(), spec.optim, spec.vlb_weight, plan.objective, device
+            init_student(plan),
+            plan.build_chain(),
+            spec.optim,
+            spec.vlb_weight,
+            plan.objective,
+            runtime=actor_runtime(plan, str(device)),
         )
         self.card = plan.student_card
         self.spec = spec
@@ -168,11 +180,12 @@ class StudentRank:
         self.learner.load_state_dict(state)
 
 
-def _any_rank(flag: bool) -> bool:
+def _any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is True on any (all ranks must stop at the same step)."""
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
         return flag
-    value = torch.tensor([int(flag)])
+    # NCCL reduces GPU tensors only; gloo takes either.
+    value = torch.tensor([int(flag)], device=device if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 
@@ -241,13 +254,24 @@ def _train(loop: StudentRank, store: JobStore, rank: int) -> None:
             store.heartbeat(f"student-{rank}", step=step)
             if rank == 0:
                 loop.log(logs)
-            stop = _any_rank(loop.stop_requested())
+            stop = _any_rank(loop.stop_requested(), loop.learner.device)
         if step % run.checkpoint_every == 0 or step == spec.steps or stop:
             _report(loop, rank)
         if rank == 0 and step != spec.steps and not stop:
             loop.quality()  # the driver evaluates the final student
         if stop:
             break
+
+
+def data_parallel(learner: Learner) -> torch.nn.Module:
+    """The student wrapped in DDP, compiled as the runtime says. CUDA graphs would not hold DDP's
+    gradient all-reduce (autograd hooks outside the compiled graph): ``cudagraphs`` compiles the
+    wrapper with the default mode here."""
+    ddp = torch.nn.parallel.DistributedDataParallel(learner.model)
+    runtime = learner.runtime
+    if runtime.compile == "cudagraphs":
+        runtime = replace(runtime, compile="default")
+    return compiled(ddp, runtime)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -269,7 +293,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     _restore(loop, config)
     if world > 1:
-        loop.learner.forward = torch.nn.parallel.DistributedDataParallel(loop.learner.model)
+        loop.learner.forward = data_parallel(loop.learner)
     store.heartbeat(f"student-{rank}", step=loop.steps_done)
     try:
         _train(loop, store, rank)

@@ -58,6 +58,7 @@ def test_unknown_model_name_and_fields_are_named(tmp_path: Path) -> None:
     )
     assert_one_line_error(run_dkdm("distill", "--set", "pool.rhoo=1", check=False), "pool.rhoo")
     assert_one_line_error(run_dkdm("distill", "--set", "pool.strategy=greedy", check=False), "pool.strategy")
+    assert_one_line_error(run_dkdm("distill", "--set", "ray.ship_dtype=fp16", check=False), "ray.ship_dtype")
     assert_one_line_error(run_dkdm("teacher", "train", "--set", "model.arch=nope", check=False), "model.arch")
 
 

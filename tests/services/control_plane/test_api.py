@@ -62,6 +62,7 @@ def test_mutating_calls_need_the_bearer_token(api: str, tiny_teacher: Path, own_
         ({"engine": "local"}, ["body", "engine"]),
         ({"optim": {"batch_size": 0}}, ["body", "optim", "batch_size"]),
         ({"pool": {"strategy": "sideways"}}, ["body", "pool", "strategy"]),
+        ({"ray": {"ship_dtype": "fp16"}}, ["body", "ray", "ship_dtype"]),
         ({"stpes": 10}, ["body", "stpes"]),
         ({"teacher": "../../../../etc"}, ["body", "teacher"]),
         ({"teacher": "/"}, ["body", "teacher"]),
