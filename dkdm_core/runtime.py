@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -72,6 +72,11 @@ class Runtime:
     def graph_step(self) -> bool:
         """Record whole training steps as CUDA graphs (``compile: step`` on a GPU)."""
         return self.compile == "step" and self.cuda
+
+    def without_step(self) -> Runtime:
+        """This runtime where no whole step is recorded (a Ray replica or rank, O2MKD's router, a pool
+        on the CPU): ``compile: step`` compiles the networks with CUDA graphs there, the next best."""
+        return replace(self, compile="cudagraphs") if self.compile == "step" else self
 
     def apply_global(self) -> None:
         """Process-wide matmul settings: TF32 tensor cores for fp32 matmuls under tf32 and bf16."""

@@ -116,6 +116,8 @@ class Trainer:
         # ``recordable``: the subclass's whole step can be one CUDA graph (``compile: step``). Not O2MKD's
         # router, which sends samples to their students: data-dependent shapes, nothing to record.
         self.graphed = recordable and self.runtime.graph_step and not isinstance(model, TimestepRouter)
+        if not self.graphed:
+            self.runtime = self.runtime.without_step()
         # Fused AdamW on a GPU: one kernel for every parameter instead of a handful per parameter.
         # A recorded step reads its learning rate from a device tensor (capturable) filled before each replay.
         fused = True if self.runtime.cuda else None

@@ -13,7 +13,6 @@ generator on the device; on the CPU in fp32, uncompiled, with a CPU generator, a
 from __future__ import annotations
 
 import threading
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +46,10 @@ def actor_runtime(plan: JobPlan, device: str) -> Runtime:
     """The job's runtime resolved for ``device``, the one Ray placed this actor on, and applied.
 
     ``compile: step`` records a whole local step (lease, teacher, loss, update) as one CUDA graph;
-    a replica or a rank holds only half a step, so it compiles its network as ``default`` does.
+    a replica or a rank holds only half a step, so its network is compiled with CUDA graphs.
     """
     r = plan.spec.runtime
-    runtime = resolve_runtime(device, r.precision, r.compile)
-    if runtime.compile == "step":
-        runtime = replace(runtime, compile="default")
+    runtime = resolve_runtime(device, r.precision, r.compile).without_step()
     runtime.apply_global()
     return runtime
 

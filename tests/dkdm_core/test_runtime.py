@@ -130,3 +130,13 @@ def test_a_recorded_step_does_what_an_eager_step_does() -> None:
         eager.scheduler.last_epoch,
     )
     assert torch.equal(split.pool.t, eager.pool.t) and split.pool.finished == eager.pool.finished
+
+
+def test_where_no_whole_step_is_recorded_step_compiles_with_cuda_graphs() -> None:
+    """``compile: step`` on a step that is not recorded (here: a pool on the CPU) falls back to
+    ``cudagraphs`` for the networks, not to the slower ``default``; other modes are left alone."""
+    step = Runtime(device=torch.device("cpu"), precision="fp32", compile="step")
+    assert step.without_step().compile == "cudagraphs"
+    assert resolve_runtime("cpu", "fp32", "default").without_step().compile == "default"
+    distiller = make_distiller(runtime=step)
+    assert not distiller.graphed and distiller.runtime.compile == "cudagraphs"
