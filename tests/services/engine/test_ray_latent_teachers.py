@@ -1,4 +1,4 @@
-"""Latent diffusers pipelines (LDMPipeline, DiTPipeline; tiny, random weights) on the Ray engine.
+"""Diffusers pipelines (LDMPipeline, DiTPipeline, DDPMPipeline; tiny, random weights) on the Ray engine.
 
 The driver reads the pipeline's card from its configs, the replicas load its denoiser as the local
 engine does, the saved student carries the pipeline's autoencoder, and with 1 replica and 1 rank
@@ -51,3 +51,26 @@ def test_a_latent_pipeline_teacher_distils_on_ray_as_on_the_local_engine(
     labels = [1] if name == "dit" else None
     images = draw(model, card, 2, seed=0, steps=3, labels=labels)
     assert images.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)  # decoded by the teacher's own autoencoder
+
+
+def test_a_ddpm_pipeline_teacher_distils_on_ray_as_on_the_local_engine(
+    ray_cluster: None, redis_url: str, tmp_path: Path
+) -> None:
+    """A pixel DDPMPipeline folder (v-prediction, learned-range variance, T = 400) on the Ray engine."""
+    from tests.services.test_diffusers_teachers import TEACHERS, save_teacher
+
+    channels, size, scheduler = TEACHERS["v-learned-range"]
+    teacher = save_teacher(tmp_path / "teacher", channels, size, scheduler)
+    spec = engine_spec(
+        teacher, tmp_path / "ray", steps=3, optim__batch_size=8, run__eval_samples=16, run__quality_samples=16
+    )
+    run_job(spec, "ddpm-pipeline", redis_url, progress=False)
+    assert JobStore(redis_url, "ddpm-pipeline").state() == "SUCCEEDED"
+    threads = torch.get_num_threads()
+    try:
+        distill_local(spec.model_copy(update={"engine": "local", "out": str(tmp_path / "local")}), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert losses(tmp_path / "ray") == losses(tmp_path / "local")
+    model, card = load_model(tmp_path / "ray")
+    assert draw(model, card, 2, seed=0, steps=3).shape == (2, channels, size, size)
