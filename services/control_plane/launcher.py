@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 ENTRYPOINT = "python -m services.engine --job-id {job_id} --quiet"
 CLUSTER_INFO_TTL_S = 10.0  # the cluster's totals, asked at most this often
+UNKNOWN = "UNKNOWN"  # the status of a submission the cluster answers it never heard of
 
 
 def submission_id(job_id: str, run: int = 0) -> str:
@@ -44,10 +45,15 @@ class RayLauncher:
         )
 
     def status(self, submission: str) -> tuple[str, str] | None:
-        """Ray's view of a submission: (status, message), or None if Ray does not know it."""
+        """Ray's view of a submission: (status, message); ``(UNKNOWN, ...)`` when the cluster answered
+        that it has no such job (a restarted head forgets every job), None when it did not answer."""
         try:
             info: Any = self.client.get_job_info(submission)
-        except Exception:  # unknown id, or the cluster is unreachable: no opinion
+        except Exception as exc:
+            # The SDK raises a RuntimeError carrying the HTTP status for an id it does not know; any
+            # other failure (connection refused, timeout) is no opinion.
+            if isinstance(exc, RuntimeError) and "status code 404" in str(exc):
+                return UNKNOWN, f"the Ray cluster at {self.address} has no job {submission}"
             return None
         status = info.status.value if isinstance(info.status, JobStatus) else str(info.status)
         return status, info.message or ""

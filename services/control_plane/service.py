@@ -18,7 +18,7 @@ from dkdm_core.checkpoint import CheckpointError, ModelCard, read_card
 from dkdm_core.plan import JobPlan, PlanError, make_plan
 from dkdm_core.spec import POOL_METHODS, DistillSpec, RayEngineSpec
 from services.bounds import memory_parts, memory_refusal, resource_refusal, weights_bytes
-from services.control_plane.launcher import RayLauncher, submission_id
+from services.control_plane.launcher import UNKNOWN, RayLauncher, submission_id
 from services.control_plane.settings import Settings
 from services.evaluation import resolve_path
 from services.jobs import durable, keys
@@ -150,8 +150,19 @@ def driver_died(job_id: str, submission: str, message: str, log_tail: str) -> st
         why = f"exited with status {code}" + (f": {lines[-1].strip()}" if lines else "")
     else:
         why = (message.strip().splitlines() or ["no reason given by Ray"])[0]
+    return _with_resume_hint(job_id, f"the driver (Ray job {submission}) died: {why}")
+
+
+def driver_gone(job_id: str, submission: str, why: str) -> str:
+    """One line for a live job that no driver runs any more and Ray has never heard of (its cluster was
+    restarted, e.g. by a restart of `dkdm up`, or its driver ran outside Ray and was killed)."""
+    silent = f"and its driver has sent no heartbeat for {keys.HEARTBEAT_TTL_S} s"
+    return _with_resume_hint(job_id, f"the driver ({submission}) is gone: {why} {silent}")
+
+
+def _with_resume_hint(job_id: str, line: str) -> str:
     hint = f"; POST /jobs/{job_id}/resume continues it from its last checkpoint"
-    return one_line(f"the driver (Ray job {submission}) died: {why}", ERROR_CHARS - len(hint)) + hint
+    return one_line(line, ERROR_CHARS - len(hint)) + hint
 
 
 class SubmitError(RuntimeError):
@@ -296,17 +307,27 @@ class JobService:
             return record
         live = record.get("submission") or submission_id(job_id)
         seen = self.launcher.status(live)
-        if seen is None or seen[0] not in ("FAILED", "STOPPED"):
+        if seen is None or seen[0] not in ("FAILED", "STOPPED", UNKNOWN):
             return record
         store = self.store(job_id)
+        if seen[0] == UNKNOWN and not self.silent(store, record):
+            return record  # just submitted, or a driver Ray does not run (started by hand) that still beats
         fresh = store.record()  # the engine may have written its verdict, or a resume begun, meanwhile
         if fresh.get("state") in TERMINAL_STATES or (fresh.get("submission") or submission_id(job_id)) != live:
             return fresh
         if seen[0] == "STOPPED":
             store.set_state("CANCELLED", error="stopped through Ray")
+        elif seen[0] == UNKNOWN:
+            store.set_state("FAILED", error=driver_gone(job_id, live, seen[1]))
         else:
             store.set_state("FAILED", error=driver_died(job_id, live, seen[1], self.launcher.logs_tail(live)))
         return store.record()
+
+    @staticmethod
+    def silent(store: JobStore, record: dict[str, str]) -> bool:
+        """No driver heartbeat, and no change to the record, for ``HEARTBEAT_TTL_S``."""
+        quiet = time.time() - float(record.get("updated") or 0) > keys.HEARTBEAT_TTL_S
+        return quiet and not store.beats("driver")
 
     def recover(self, job_id: str) -> bool:
         """Rebuild a record Redis lost from the job's durable copy, runs_dir/<id>/job.json, if there is one."""
@@ -367,7 +388,7 @@ class JobService:
             if record.get("state") == "PENDING":
                 live = record.get("submission") or submission_id(job_id)
                 seen = self.launcher.status(live)
-                if seen is None or seen[0] == "PENDING":
+                if seen is None or seen[0] in ("PENDING", UNKNOWN):
                     self.launcher.stop(live)
                     store.set_state("CANCELLED", error="cancelled before it started")
         return self.view(job_id)

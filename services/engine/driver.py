@@ -17,11 +17,13 @@ the job's record keeps a durable copy beside its output (``services.jobs.durable
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -274,7 +276,7 @@ class Engine:
     def supervise(self, bar: tqdm | None) -> None:
         """Every round runs each task, whatever the one before it did (a failed Redis call included)."""
         while not self.stopping.wait(SUPERVISE_EVERY_S):
-            for task in (self.check_replicas, self.apply_scaling, self.publish_shards, lambda: self.beat(bar)):
+            for task in (self.check_replicas, self.apply_scaling, self.publish_shards, lambda: self.show(bar)):
                 if self.stopping.is_set():
                     break
                 try:
@@ -282,8 +284,7 @@ class Engine:
                 except Exception as exc:  # the supervisor must outlive one failed task; the next round retries
                     log.warning("supervision: %s", _one_line(exc))
 
-    def beat(self, bar: tqdm | None) -> None:
-        self.store.heartbeat("driver", replicas=len(self.replicas))
+    def show(self, bar: tqdm | None) -> None:
         if bar is not None:
             bar.n = int(self.store.record().get("step", 0))
             bar.refresh()
@@ -424,6 +425,32 @@ def _one_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+@contextlib.contextmanager
+def beating(store: JobStore, info: Callable[[], dict[str, Any]]) -> Iterator[None]:
+    """The driver's heartbeat through the whole run (placement, training, evaluation), every
+    ``SUPERVISE_EVERY_S``: the control plane takes a live job whose driver has not beaten for
+    ``HEARTBEAT_TTL_S`` and that Ray does not know (a restarted cluster) as dead. A failed beat
+    (Redis away) is retried at the next one."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while True:
+            try:
+                store.heartbeat("driver", **info())
+            except Exception as exc:
+                log.debug("driver heartbeat: %s", _one_line(exc))
+            if stop.wait(SUPERVISE_EVERY_S):
+                return
+
+    thread = threading.Thread(target=loop, daemon=True, name="dkdm-heartbeat")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def admit(store: JobStore, spec: DistillSpec, out: Path) -> int | None:
     """Record the job (PENDING) and start its attempt (RUNNING); None if it was cancelled before it started."""
     out.mkdir(parents=True, exist_ok=True)
@@ -489,21 +516,22 @@ def run_job(
         return RunResult(out=out, steps=0)
     # 3. Placement and training; any failure is the job's.
     engine = Engine(plan, job_id, store, out, attempt, ride_out_s, checkpoints_before=[p.name for p in before])
-    try:
-        stats = engine.place(resume)
-        model, steps, stats["train_seconds"] = train(engine, resume, progress)
-    except BaseException as exc:
-        fail(store, out, exc)
-        raise
-    finally:
-        engine.kill_all()
-    # 4. The student: evaluated, saved, registered.
-    cancelled = store.cancel_requested()
-    metrics = finish(plan, out, model, steps, stats, store)
-    ModelRegistry(store.r).register(
-        f"job-{job_id}", str(out), job_id=job_id, arch=spec.student.arch, steps=steps, method=spec.method
-    )
-    transition(store, "CANCELLED" if cancelled else "SUCCEEDED", out, step=steps)
+    with beating(store, lambda: {"replicas": len(engine.replicas)}):
+        try:
+            stats = engine.place(resume)
+            model, steps, stats["train_seconds"] = train(engine, resume, progress)
+        except BaseException as exc:
+            fail(store, out, exc)
+            raise
+        finally:
+            engine.kill_all()
+        # 4. The student: evaluated, saved, registered.
+        cancelled = store.cancel_requested()
+        metrics = finish(plan, out, model, steps, stats, store)
+        ModelRegistry(store.r).register(
+            f"job-{job_id}", str(out), job_id=job_id, arch=spec.student.arch, steps=steps, method=spec.method
+        )
+        transition(store, "CANCELLED" if cancelled else "SUCCEEDED", out, step=steps)
     return RunResult(out=out, steps=steps, metrics=metrics, resumed_from=resume.step if resume else 0)
 
 

@@ -267,6 +267,10 @@ class JobStore:
         value = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), **info})
         self.r.set(keys.heartbeat(self.job_id, component), value, ex=keys.HEARTBEAT_TTL_S)
 
+    def beats(self, component: str) -> bool:
+        """Whether ``component`` sent a heartbeat within ``HEARTBEAT_TTL_S``."""
+        return bool(self.r.exists(keys.heartbeat(self.job_id, component)))
+
     # The durable copy -----------------------------------------------------------------------------
 
     def snapshot(self) -> tuple[dict[str, str], dict[str, str]]:

@@ -39,6 +39,8 @@ JOB = {
     "run": {"log_every": 1, "checkpoint_every": 10, "eval_samples": 16, "sample_steps": 5},
     "ray": {"teacher_cpus": 1, "student_cpus": 1},
 }
+# A job that is still running, well past its first checkpoint, when `dkdm up` stops.
+LONG_JOB = {**JOB, "steps": 100_000, "run": {**JOB["run"], "log_every": 5}}
 # What `dkdm up` must find out by itself: no cluster, Redis or tokens inherited from the test session.
 INHERITED = ("RAY_ADDRESS", "DKDM_REDIS_URL", "DKDM_API_TOKEN", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "DKDM_RUNS_DIR")
 
@@ -166,11 +168,7 @@ def _up_runs_a_job_samples_it_and_keeps_it(tiny_teacher: Path, tmp_path: Path) -
         assert response.status_code == 202, response.text
         job_id = response.json()["id"]
 
-        def ended() -> dict[str, Any] | None:
-            view = requests.get(f"{api}/jobs/{job_id}").json()
-            return view if view["state"] not in ("PENDING", "RUNNING") else None
-
-        view = poll("the job to end", ended, service)
+        view = poll("the job to end", lambda: _ended(api, job_id), service)
         assert view["state"] == "SUCCEEDED", view
         assert f"job-{job_id}" in requests.get(f"{api}/models").json()
         url = f"{sampling}/v1/models/job-{job_id}/samples"
@@ -186,6 +184,12 @@ def _up_runs_a_job_samples_it_and_keeps_it(tiny_teacher: Path, tmp_path: Path) -
         assert answer.status_code == 200, answer.text
         with np.load(io.BytesIO(answer.content), allow_pickle=False) as arrays:
             assert arrays["arr_0"].shape == (4, 8, 8, 1)
+        # A second job is still running when `dkdm up` stops: the restart must neither lose it nor leave
+        # it RUNNING on a cluster that no longer runs it.
+        response = requests.post(f"{api}/jobs", json={**LONG_JOB, "teacher": str(tiny_teacher)}, headers=auth)
+        assert response.status_code == 202, response.text
+        cut = response.json()["id"]
+        poll("a checkpoint of the second job", lambda: requests.get(f"{api}/jobs/{cut}").json()["checkpoints"], service)
         stop(service)
 
     # Again on the same data folder, on free ports it picks itself: Redis replays its append-only file.
@@ -196,7 +200,29 @@ def _up_runs_a_job_samples_it_and_keeps_it(tiny_teacher: Path, tmp_path: Path) -
         assert f"job-{job_id}" in requests.get(f"{api}/models").json()
         assert f"job-{job_id}" in poll("the sampling app", lambda: _models(sampling), service, 180)
         assert f"saved in {data / 'api-token'}" in service.output()  # the same token as before
+        # Its driver died with the cluster: it said so itself, or the control plane finds it gone (Ray no
+        # longer knows it and it stopped beating).
+        view = poll("the cut job to be failed", lambda: _ended(api, cut), service, 120)
+        assert view["state"] == "FAILED" and view["error"] and "\n" not in view["error"], view
+        resumed = requests.post(f"{api}/jobs/{cut}/resume", headers=auth)
+        assert resumed.status_code == 202, resumed.text
+        running_again = poll("the resumed job to run", lambda: _running(api, cut), service)
+        assert running_again["submission"] == f"dkdm-{cut}-r1"
+        assert running_again["submissions"][0]["outcome"] == "FAILED"
+        assert requests.post(f"{api}/jobs/{cut}/cancel", headers=auth).status_code == 200
+        view = poll("the resumed job to stop", lambda: _ended(api, cut), service)
+        assert view["state"] == "CANCELLED" and view["step"] < LONG_JOB["steps"], view
         stop(service)
+
+
+def _running(api: str, job_id: str) -> dict[str, Any] | None:
+    view = requests.get(f"{api}/jobs/{job_id}").json()
+    return view if view["state"] == "RUNNING" else None
+
+
+def _ended(api: str, job_id: str) -> dict[str, Any] | None:
+    view = requests.get(f"{api}/jobs/{job_id}").json()
+    return view if view["state"] not in ("PENDING", "RUNNING") else None
 
 
 def _models(sampling: str) -> dict[str, Any] | None:

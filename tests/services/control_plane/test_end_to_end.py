@@ -19,7 +19,8 @@ import pytest
 import redis
 import requests
 
-from services.jobs.store import ModelRegistry
+from services.jobs import keys
+from services.jobs.store import JobStore, ModelRegistry
 from tests.conftest import run_dkdm
 from tests.services.conftest import (
     BIN,
@@ -131,6 +132,7 @@ def run(head: RayHead, redis_url: str, teacher: Path, tmp: Path) -> None:
                 return result if result and float(result[0]["value"][1]) == 1.0 else []
 
             assert poll("Prometheus to scrape the finished job", scraped, 60)
+            live_jobs_ray_never_heard_of(api, redis_url)
         # An O2MKD router and a one-step BOOT student, registered by hand, are served the same way.
         registry = ModelRegistry(redis.Redis.from_url(redis_url, decode_responses=True))
         for method, extra in (("o2mkd", ["--set", "o2mkd.students=2"]), ("boot", [])):
@@ -158,6 +160,22 @@ def run(head: RayHead, redis_url: str, teacher: Path, tmp: Path) -> None:
             )
             registry.register(method, str(out))
         sample(env, f"job-{job_id}", extra_models=["o2mkd", "boot"])
+
+
+def live_jobs_ray_never_heard_of(api: str, redis_url: str) -> None:
+    """A RUNNING record whose submission this Ray cluster does not know (a restarted head forgets its
+    jobs): FAILED in one line once its driver has been silent for HEARTBEAT_TTL_S, RUNNING while it beats."""
+    quiet = time.time() - keys.HEARTBEAT_TTL_S - 5
+    gone, beating = JobStore(redis_url, "0123456789ab"), JobStore(redis_url, "ba9876543210")
+    for store in (gone, beating):
+        store.create({"steps": 20}, state="RUNNING", total_steps=20, submission=f"dkdm-{store.job_id}")
+        store.r.hset(keys.job(store.job_id), "updated", quiet)
+    beating.heartbeat("driver", replicas=1)  # e.g. a driver started by hand outside Ray's job API
+    view = requests.get(f"{api}/jobs/{gone.job_id}").json()
+    assert view["state"] == "FAILED", view
+    assert view["error"].startswith(f"the driver (dkdm-{gone.job_id}) is gone: the Ray cluster at ")
+    assert f"POST /jobs/{gone.job_id}/resume" in view["error"] and "\n" not in view["error"]
+    assert requests.get(f"{api}/jobs/{beating.job_id}").json()["state"] == "RUNNING"
 
 
 def sample(env: dict[str, str], model: str, extra_models: list[str]) -> None:
