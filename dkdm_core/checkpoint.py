@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dkdm_core.imports import DIFFUSERS
 from dkdm_core.methods.o2mkd import TimestepRouter
 from dkdm_core.models import VECTOR_MODELS, build_model
 from dkdm_core.models.unet import UNet
@@ -349,7 +350,8 @@ def export_diffusers(model: nn.Module, card: ModelCard, directory: str | Path) -
     is its last row); ``dkdm_card.json`` says which row that is, so it imports back with guidance.
     ``DDPMPipeline`` itself passes no labels: call the UNet with ``class_labels`` to sample by class.
     """
-    from diffusers import DDPMPipeline, DDPMScheduler, LDMPipeline
+    with DIFFUSERS:
+        from diffusers import DDPMPipeline, DDPMScheduler, LDMPipeline
 
     from dkdm_core.latent import autoencoder_class, load_autoencoder
 
@@ -432,7 +434,8 @@ def diffusers_card(directory: Path) -> ModelCard:
     classes are refused naming theirs); the autoencoder (``vae/`` AutoencoderKL, ``vqvae/`` VQModel) is
     what samples decode with.
     """
-    from diffusers import DiTTransformer2DModel, UNet2DModel
+    with DIFFUSERS:
+        from diffusers import DiTTransformer2DModel, UNet2DModel
 
     pipeline = _pipeline_class(directory)
     sched_path = directory / "scheduler" / "scheduler_config.json"
@@ -488,9 +491,10 @@ def diffusers_card(directory: Path) -> ModelCard:
 
 def import_diffusers(directory: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
     """A diffusers pipeline folder (DDPM, DDIM, LDM, DiT) as a dkdm model (safetensors weights only)."""
-    from diffusers import DiTTransformer2DModel, UNet2DModel
+    with DIFFUSERS:
+        from diffusers import DiTTransformer2DModel, UNet2DModel
 
-    from dkdm_core.models.diffusers_dit import DiffusersDiT
+        from dkdm_core.models.diffusers_dit import DiffusersDiT
 
     card = diffusers_card(directory)
     pipeline = _pipeline_class(directory)

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dkdm_core.imports import DIFFUSERS
+
 if TYPE_CHECKING:
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
     from diffusers.models.autoencoders.vq_model import VQModel
@@ -29,8 +31,9 @@ AUTOENCODER_NAMES = ("AutoencoderKL", "VQModel")
 
 
 def _autoencoder_type(name: str) -> type[AutoencoderKL] | type[VQModel]:
-    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
-    from diffusers.models.autoencoders.vq_model import VQModel
+    with DIFFUSERS:
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+        from diffusers.models.autoencoders.vq_model import VQModel
 
     return AutoencoderKL if name == "AutoencoderKL" else VQModel
 
@@ -45,7 +48,8 @@ def build_autoencoder(
     """A small KL autoencoder that downsamples by 2^(len(widths) - 1)."""
     # diffusers is imported where an autoencoder is made: it takes seconds, and most processes that
     # import sampling (Ray actors, the control plane) never touch a latent model.
-    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    with DIFFUSERS:
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
     return AutoencoderKL(
         in_channels=channels,

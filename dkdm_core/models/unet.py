@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from dkdm_core.imports import DIFFUSERS
+
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
 
@@ -39,7 +41,8 @@ class UNet(nn.Module):
         up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels))
         # Imported here, not with the module: diffusers takes seconds to import, and every process that
         # only validates specs or holds a pool (Ray actors, the control plane) imports this registry.
-        from diffusers import UNet2DModel
+        with DIFFUSERS:
+            from diffusers import UNet2DModel
 
         self.net = UNet2DModel(
             sample_size=image_size,

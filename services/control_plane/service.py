@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -127,6 +129,7 @@ class TooManyJobs(RuntimeError):
 LIVE_STATES = frozenset({"PENDING", "RUNNING"})
 RESUMABLE_STATES = frozenset({"FAILED", "CANCELLED"})
 ERROR_CHARS = 500  # a record's error is one line, at most this long
+ADMISSION_LOCK_S = 60.0  # the admission lock's lifetime, and the longest wait for it
 
 
 def one_line(text: str, limit: int = ERROR_CHARS) -> str:
@@ -245,6 +248,19 @@ class JobService:
                 live += 1
         return live
 
+    @contextlib.contextmanager
+    def admitting(self) -> Iterator[None]:
+        """Held from counting the live jobs until the new one is recorded as live, so two requests (to
+        one control plane or to several) cannot both take the last place; it expires should its holder die."""
+        lock = self.r.lock(keys.admission(), timeout=ADMISSION_LOCK_S, blocking_timeout=ADMISSION_LOCK_S)
+        if not lock.acquire():
+            raise TooManyJobs(f"other jobs have been admitted for over {ADMISSION_LOCK_S:.0f} s; retry")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(redis.exceptions.LockError):  # it expired: a slow admission, not an error
+                lock.release()
+
     def check_capacity(self) -> None:
         running = self.running_jobs()
         if running >= self.settings.max_running_jobs:
@@ -258,14 +274,15 @@ class JobService:
         self.check_limits(request)
         plan = self.plan(request, job_id)
         self.check_cluster(plan)
-        self.check_capacity()
         spec = plan.spec
         store = self.store(job_id)
         first = submission_id(job_id)
         # The engine takes the plan from the record: it does not read the teacher's card again.
         fields = {"out": spec.out, "total_steps": spec.steps, "error": "", "plan": plan.model_dump_json()}
         fields |= {"submission": first, "submissions": [{"id": first, "submitted": time.time()}]}
-        store.create(spec.model_dump(), state="PENDING", **fields)
+        with self.admitting():
+            self.check_capacity()
+            store.create(spec.model_dump(), state="PENDING", **fields)
         self.submit(store, first)
         return JobCreated(id=job_id, state="PENDING")
 
@@ -291,11 +308,12 @@ class JobService:
         seen = self.launcher.status(live)
         if seen is not None and seen[0] in ("PENDING", "RUNNING"):
             raise Conflict(f"job {job_id}'s submission {live} is still {seen[0]} in Ray; wait for it to end")
-        self.check_capacity()
         new = submission_id(job_id, max(1, len(store.submissions())))
-        store.clear_requests("cancel", "cancel_requested_at", "abort")  # the last run's, not this one's
-        if not store.begin_submission(new, allowed=RESUMABLE_STATES, state="PENDING", error=""):
-            raise Conflict(f"job {job_id} changed state meanwhile; look at it again")
+        with self.admitting():
+            self.check_capacity()
+            store.clear_requests("cancel", "cancel_requested_at", "abort")  # the last run's, not this one's
+            if not store.begin_submission(new, allowed=RESUMABLE_STATES, state="PENDING", error=""):
+                raise Conflict(f"job {job_id} changed state meanwhile; look at it again")
         self.submit(store, new)
         return self.view(job_id)
 

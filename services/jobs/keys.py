@@ -7,6 +7,8 @@ there, they travel through the Ray object store. Every key of a job lives under 
     dkdm:jobs                           sorted set  job id -> creation time (the job index)
     dkdm:models                         hash        model name -> JSON {path, job_id, arch, created}:
                                                     the students the sampling service can serve
+    dkdm:admission                      string      a lock: one control plane at a time counts the live
+                                                    jobs and records a new (or resumed) one
     dkdm:job:{id}                       hash        the job record: state, spec (JSON), out, error,
                                                     created/updated times, step, total_steps
     dkdm:job:{id}:counters              hash        monotonic counters (see COUNTERS), HINCRBY/-FLOAT
@@ -96,6 +98,10 @@ def control(job_id: str) -> str:
 
 def writers(job_id: str) -> str:
     return f"{job(job_id)}:writers"
+
+
+def admission() -> str:
+    return f"{PREFIX}:admission"
 
 
 def heartbeat(job_id: str, component: str) -> str:

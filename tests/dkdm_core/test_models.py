@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -69,3 +74,32 @@ def test_presets_map_c_to_2c_with_the_tabled_size(arch: str, channels: int) -> N
 def test_presets_refuse_other_image_sizes() -> None:
     with pytest.raises(ValueError, match=r"'ddpm-cifar10' is made for 32x32 images, not 8"):
         build_model("ddpm-cifar10", 3, 8, True)
+
+
+# Six threads build a model while diffusers is imported for the first time: as concurrent POST /jobs
+# do in the control plane's thread pool (each plan builds its student on the meta device).
+CONCURRENT_FIRST_IMPORT = """
+import threading
+from dkdm_core.models import build_model
+from dkdm_core.latent import build_autoencoder
+errors = []
+def build(i):
+    try:
+        build_model("unet-tiny", 1, 8, True) if i % 2 else build_autoencoder()
+    except Exception as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=build, args=(i,)) for i in range(6)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(errors)
+"""
+
+
+def test_models_build_from_many_threads_while_diffusers_is_first_imported() -> None:
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-c", CONCURRENT_FIRST_IMPORT], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,7 @@ def run(head: RayHead, redis_url: str, teacher: Path, tmp: Path) -> None:
         DKDM_MODEL_ROOTS=json.dumps([str(teacher.parent)]),
         DKDM_RUNS_DIR=str(tmp / "jobs"),
         RAY_ADDRESS=head.gcs,
+        DKDM_MAX_RUNNING_JOBS="2",
     )
     job = {
         "teacher": str(teacher),
@@ -132,7 +134,8 @@ def run(head: RayHead, redis_url: str, teacher: Path, tmp: Path) -> None:
                 return result if result and float(result[0]["value"][1]) == 1.0 else []
 
             assert poll("Prometheus to scrape the finished job", scraped, 60)
-            live_jobs_ray_never_heard_of(api, redis_url)
+            beating = live_jobs_ray_never_heard_of(api, redis_url)
+            admission_takes_the_last_place_once(api, job, beating)
         # An O2MKD router and a one-step BOOT student, registered by hand, are served the same way.
         registry = ModelRegistry(redis.Redis.from_url(redis_url, decode_responses=True))
         for method, extra in (("o2mkd", ["--set", "o2mkd.students=2"]), ("boot", [])):
@@ -162,7 +165,7 @@ def run(head: RayHead, redis_url: str, teacher: Path, tmp: Path) -> None:
         sample(env, f"job-{job_id}", extra_models=["o2mkd", "boot"])
 
 
-def live_jobs_ray_never_heard_of(api: str, redis_url: str) -> None:
+def live_jobs_ray_never_heard_of(api: str, redis_url: str) -> JobStore:
     """A RUNNING record whose submission this Ray cluster does not know (a restarted head forgets its
     jobs): FAILED in one line once its driver has been silent for HEARTBEAT_TTL_S, RUNNING while it beats."""
     quiet = time.time() - keys.HEARTBEAT_TTL_S - 5
@@ -176,6 +179,25 @@ def live_jobs_ray_never_heard_of(api: str, redis_url: str) -> None:
     assert view["error"].startswith(f"the driver (dkdm-{gone.job_id}) is gone: the Ray cluster at ")
     assert f"POST /jobs/{gone.job_id}/resume" in view["error"] and "\n" not in view["error"]
     assert requests.get(f"{api}/jobs/{beating.job_id}").json()["state"] == "RUNNING"
+    return beating
+
+
+def admission_takes_the_last_place_once(api: str, job: dict[str, Any], beating: JobStore) -> None:
+    """With one of the two places (DKDM_MAX_RUNNING_JOBS) taken, four POSTs at once: exactly one gets it."""
+    beating.heartbeat("driver", replicas=1)  # still live
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: requests.post(f"{api}/jobs", json=job, headers=AUTH), range(4)))
+    assert sorted(a.status_code for a in answers) == [202, 429, 429, 429], [a.text for a in answers]
+    admitted = next(a for a in answers if a.status_code == 202).json()["id"]
+    assert requests.post(f"{api}/jobs/{admitted}/cancel", headers=AUTH).status_code == 200
+    ended = poll(
+        "the admitted job to be cancelled",
+        lambda: (
+            requests.get(f"{api}/jobs/{admitted}").json()["state"] in ("CANCELLED", "SUCCEEDED", "FAILED")
+            and requests.get(f"{api}/jobs/{admitted}").json()
+        ),
+    )
+    assert ended["state"] == "CANCELLED", ended
 
 
 def sample(env: dict[str, str], model: str, extra_models: list[str]) -> None:
