@@ -324,6 +324,8 @@ class JobService:
         if record.get("state") in TERMINAL_STATES:
             return record
         live = record.get("submission") or submission_id(job_id)
+        if (copied := self.finished_copy(job_id, record, live)) is not None:
+            return copied
         seen = self.launcher.status(live)
         if seen is None or seen[0] not in ("FAILED", "STOPPED", UNKNOWN):
             return record
@@ -339,6 +341,21 @@ class JobService:
             store.set_state("FAILED", error=driver_gone(job_id, live, seen[1]))
         else:
             store.set_state("FAILED", error=driver_died(job_id, live, seen[1], self.launcher.logs_tail(live)))
+        return store.record()
+
+    def finished_copy(self, job_id: str, record: dict[str, str], live: str) -> dict[str, str] | None:
+        """The verdict of the job's durable copy (``OUT/job.json``) when it is newer than the live record
+        Redis holds: a driver that lost Redis writes its FAILED there, and a Redis back after the driver
+        gave up still says RUNNING. Only the live submission's copy counts."""
+        copy = durable.read_copy(durable.copy_path(record["out"])) if record.get("out") else None
+        if copy is None or copy["id"] != job_id:
+            return None
+        written = copy["record"]
+        finished = written.get("state") in TERMINAL_STATES and written.get("submission", live) == live
+        if not finished or float(written.get("updated") or 0) <= float(record.get("updated") or 0):
+            return None
+        store = self.store(job_id)
+        store.set_state(written["state"], error=written.get("error", ""))
         return store.record()
 
     @staticmethod

@@ -185,6 +185,24 @@ def test_a_dead_driver_is_reported_in_one_line() -> None:
     assert "died: exited with status 1: services.engine: error: x;" in line
 
 
+def test_a_newer_finished_durable_copy_wins_over_a_live_record(api: str, own_redis: str, tmp_path: Path) -> None:
+    """Redis came back after the driver gave up on it: Redis says RUNNING, OUT/job.json says FAILED."""
+    from services.jobs import durable
+    from services.jobs.store import JobStore
+
+    line = "redis at redis://127.0.0.1:1/0: no answer for 30 s (DKDM_REDIS_RIDE_OUT_S): connection refused"
+    for job_id, newer in (("0123456789ab", True), ("ba9876543210", False)):
+        store, out = JobStore(own_redis, job_id), tmp_path / job_id
+        store.create({"steps": 5}, state="RUNNING", total_steps=5, out=str(out), submission=f"dkdm-{job_id}")
+        record, counters = store.snapshot()
+        written = float(record["updated"]) + (5 if newer else -5)
+        durable.write_copy(out, job_id, {**record, "state": "FAILED", "error": line, "updated": str(written)}, counters)
+    view = requests.get(f"{api}/jobs/0123456789ab").json()
+    assert (view["state"], view["error"]) == ("FAILED", line)
+    assert JobStore(own_redis, "0123456789ab").state() == "FAILED"  # written back to Redis
+    assert requests.get(f"{api}/jobs/ba9876543210").json()["state"] == "RUNNING"  # an older copy is history
+
+
 def test_unknown_and_malformed_job_ids(api: str) -> None:
     assert requests.get(f"{api}/jobs/0123456789ab").status_code == 404
     assert requests.post(f"{api}/jobs/0123456789ab/cancel", headers=AUTH).status_code == 404
