@@ -138,6 +138,22 @@ def memory_parts(plan: JobPlan, teacher_weights: int) -> list[MemoryPart]:
     ]
 
 
+def shard_refusal(plan: JobPlan, node_bytes: int) -> Refusal | None:
+    """A pool shard lives whole in one actor, so on one node: its samples and the snapshot a
+    checkpoint gathers of them must fit the largest node's memory and object store, whatever the
+    cluster has in all."""
+    largest = max(plan.shard_sizes, default=0)
+    need = 2 * largest * (math.prod(plan.sample_shape) * FLOAT_BYTES + POOL_INDEX_BYTES)
+    if need <= node_bytes:
+        return None
+    return Refusal(
+        ("ray.shards", "pool.rho", "optim.batch_size"),
+        f"the largest pool shard needs {gb(need)} ({largest} samples and their checkpoint snapshot) but the "
+        f"largest Ray node has {gb(node_bytes)} of memory and object store; raise ray.shards to spread the "
+        "pool over more actors, or lower pool.rho or optim.batch_size",
+    )
+
+
 def memory_refusal(parts: list[MemoryPart], limit: int, source: str) -> Refusal | None:
     """Refuse a job whose parts exceed ``limit`` bytes, naming the fields of its largest parts: as many
     of them as could, lowered, bring the job under the limit."""

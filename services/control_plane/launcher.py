@@ -30,6 +30,7 @@ class RayLauncher:
         self.env = env
         self._client: JobSubmissionClient | None = None
         self._totals: tuple[float, dict[str, float] | None] = (0.0, None)
+        self._largest_node = 0.0  # memory + object store of the largest alive node, with the totals
 
     @property
     def client(self) -> JobSubmissionClient:
@@ -85,9 +86,18 @@ class RayLauncher:
             return None
         if not nodes:  # a head still registering its node: no opinion yet (not kept)
             return None
-        totals = {}
+        totals: dict[str, float] = {}
+        largest = 0.0
         for node in nodes:
-            for name, value in (node.resources_total or {}).items():
+            resources = node.resources_total or {}
+            for name, value in resources.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
-        self._totals = (time.monotonic(), totals)
+            largest = max(
+                largest, float(resources.get("memory", 0.0)) + float(resources.get("object_store_memory", 0.0))
+            )
+        self._totals, self._largest_node = (time.monotonic(), totals), largest
         return totals
+
+    def largest_node_bytes(self) -> int | None:
+        """Memory and object store of the largest alive node (as of the last ``cluster_totals``), if known."""
+        return int(self._largest_node) if self._totals[1] is not None and self._largest_node > 0 else None

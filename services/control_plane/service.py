@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model,
 from dkdm_core.checkpoint import CheckpointError, ModelCard, read_card
 from dkdm_core.plan import JobPlan, PlanError, make_plan
 from dkdm_core.spec import POOL_METHODS, DistillSpec, RayEngineSpec
-from services.bounds import memory_parts, memory_refusal, resource_refusal, weights_bytes
+from services.bounds import memory_parts, memory_refusal, resource_refusal, shard_refusal, weights_bytes
 from services.control_plane.launcher import UNKNOWN, RayLauncher, submission_id
 from services.control_plane.settings import Settings
 from services.evaluation import resolve_path
@@ -232,6 +232,9 @@ class JobService:
         if refusal is None:
             limit, source = self.memory_limit(totals)
             refusal = memory_refusal(memory_parts(plan, weights_bytes(plan.teacher_dir)), limit, source)
+        node_bytes = self.launcher.largest_node_bytes() if totals is not None else None
+        if refusal is None and node_bytes is not None:
+            refusal = shard_refusal(plan, node_bytes)
         if refusal is not None:
             raise InvalidField(refusal.fields, refusal.message)
 

@@ -15,7 +15,7 @@ from dkdm_core.checkpoint import ModelCard, read_card
 from dkdm_core.plan import JobPlan, make_plan, pool_seed, shard_sizes, teacher_seed
 from dkdm_core.spec import DiffusionSpec, DistillSpec
 from dkdm_core.training import StudentBatch, read_logs
-from services.bounds import resource_refusal
+from services.bounds import resource_refusal, shard_refusal
 from services.engine.batch_queue import BatchQueue
 from services.engine.driver import ddp_backend, scaling_config
 from services.engine.loop import Knowledge, ReplicaLoop
@@ -206,6 +206,21 @@ def test_fractional_and_whole_gpus_place_ranks_and_the_device_follows_the_placem
         refusal = resource_refusal(bad, {"CPU": 4, "GPU": 1})
         assert refusal is not None and refusal.fields[0] == "runtime.device" and "\n" not in refusal.message
     assert resource_refusal(spec("cuda:0", student_gpus=1), {"CPU": 4, "GPU": 1}) is None
+
+
+def test_the_largest_pool_shard_must_fit_the_largest_node(tiny_teacher: Path) -> None:
+    def plan(shards: int) -> JobPlan:
+        data = {"teacher": str(tiny_teacher), "engine": "ray", "ray": {"shards": shards}}
+        data |= {"pool": {"rho": 1.0, "chain_steps": 100}, "optim": {"batch_size": 1024}}
+        return make_plan(DistillSpec.model_validate(data), read_card(tiny_teacher), str(tiny_teacher))
+
+    one, four = plan(1), plan(4)  # 102,400 samples of 1x8x8: 2 x 27.1 MB with the snapshot
+    node = 30_000_000
+    refusal = shard_refusal(one, node)
+    assert (
+        refusal is not None and refusal.fields[0] == "ray.shards" and "largest Ray node has 0.03 GB" in refusal.message
+    )
+    assert "\n" not in refusal.message and shard_refusal(four, node) is None  # four actors, on four nodes if need be
 
 
 def test_job_store_on_a_real_redis(redis_url: str) -> None:
