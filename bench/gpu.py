@@ -15,7 +15,9 @@ TFLOP/s and its share of the device's bf16 matmul rate measured in the same run,
 ``ray.ship_dtype`` per row; 1 and 2 teacher replicas sharing half the device, a student rank on the
 other half) with their pipeline efficiency, samples/s over the slower half's rate when it runs alone
 (the teacher call or the student update of the local row with the same pair and setting), and their
-speed-up over that local row's whole step.
+speed-up over that local row's whole step. On a CPU the halves are also timed on one core each, the
+share a Ray row gives them (the replicas one core between them, the student rank the other), for
+``pipeline_efficiency_same_share``.
 
     python bench/gpu.py                        # on a GPU: every local row
     python bench/gpu.py --ray --local ray      # on a GPU: the Ray rows and the local rows they compare with
@@ -116,7 +118,7 @@ def step_flops(pair: Pair, device: torch.device, rho: float) -> int:
 
 def bf16_matmul_rate(device: torch.device, quick: bool) -> float:
     """The device's dense bf16 matmul rate in FLOP/s, measured here (the roofline rows are shares of)."""
-    n = 512 if quick else 8192
+    n = 512 if quick else 8192 if device.type == "cuda" else 2048  # 8192 on a CPU: ten minutes
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -163,6 +165,15 @@ def bench_setting(pair: Pair, runtime: Runtime, args: argparse.Namespace) -> dic
     }
     if device.type == "cuda":
         row["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        # The shares the Ray rows give each side on a CPU: one core for the replicas, one for the rank.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            row["teacher_ms_one_core"] = 1000 * timed(lambda: distiller.teach(lease), device, 3, args.steps)
+            row["student_ms_one_core"] = 1000 * timed(learn, device, 3, args.steps)
+        finally:
+            torch.set_num_threads(threads)
     return row
 
 
@@ -307,6 +318,9 @@ def pipeline_efficiency(rows: list[dict[str, Any]]) -> None:
         row["slower_side"] = "teacher" if match["teacher_ms"] >= match["student_ms"] else "student"
         row["pipeline_efficiency"] = row["samples_per_s"] / slower
         row["speedup_vs_local"] = row["samples_per_s"] / match["samples_per_s"]
+        if "teacher_ms_one_core" in match:  # a CPU: the slower side alone on the share it has in the Ray row
+            share = 1000 * batch / max(match["teacher_ms_one_core"], match["student_ms_one_core"])
+            row["pipeline_efficiency_same_share"] = row["samples_per_s"] / share
 
 
 def local_rows(args: argparse.Namespace) -> list[tuple[str, str, str]]:
