@@ -12,7 +12,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, LDMPipeline, UNet2DModel
+from diffusers import (
+    DDIMPipeline,
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    DiffusionPipeline,
+    LDMPipeline,
+    UNet2DModel,
+)
 
 from dkdm_core.checkpoint import load_model
 from dkdm_core.diffusion import sample_loop, space_timesteps
@@ -37,6 +45,9 @@ TEACHERS: dict[str, tuple[int, int, dict[str, Any]]] = {
             "prediction_type": "v_prediction",
         },
     ),
+    # A DDIMPipeline folder (DDIMScheduler, google/ddpm-cifar10-32's β's, ε, clipped): the pool takes
+    # the ancestral step with DDPM's default (fixed_small) variance, DDIM's η = 1.
+    "ddim-cifar10": (3, 32, {"beta_schedule": "linear", "clip_sample": True}),
     # An x_0-predicting teacher, scaled-linear β's, σ² output (diffusers' "learned"), thresholded x̂_0.
     "sample-learned-threshold": (
         1,
@@ -53,7 +64,10 @@ TEACHERS: dict[str, tuple[int, int, dict[str, Any]]] = {
 }
 
 
-def save_teacher(root: Path, channels: int, size: int, scheduler: dict[str, Any]) -> Path:
+DDIM_TEACHERS = frozenset({"ddim-cifar10"})  # saved as a DDIMPipeline with a DDIMScheduler
+
+
+def save_teacher(root: Path, channels: int, size: int, scheduler: dict[str, Any], ddim: bool = False) -> Path:
     torch.manual_seed(0)
     learned = scheduler.get("variance_type", "").startswith("learned")
     unet = UNet2DModel(
@@ -71,14 +85,18 @@ def save_teacher(root: Path, channels: int, size: int, scheduler: dict[str, Any]
         with torch.no_grad():
             unet.conv_out.bias[channels:] = 0.5
             unet.conv_out.weight[channels:] = 0.0
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(**scheduler)).save_pretrained(str(root), safe_serialization=True)
+    if ddim:
+        pipeline: DiffusionPipeline = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(**scheduler))
+    else:
+        pipeline = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(**scheduler))
+    pipeline.save_pretrained(str(root), safe_serialization=True)
     return root
 
 
 @pytest.mark.parametrize("name", list(TEACHERS))
 def test_diffusers_teacher_distils_exports_and_samples_in_diffusers(name: str, tmp_path: Path) -> None:
     channels, size, scheduler = TEACHERS[name]
-    teacher = save_teacher(tmp_path / "teacher", channels, size, scheduler)
+    teacher = save_teacher(tmp_path / "teacher", channels, size, scheduler, ddim=name in DDIM_TEACHERS)
     out = tmp_path / "student"
     run_dkdm(
         "distill",
@@ -107,7 +125,8 @@ def test_diffusers_teacher_distils_exports_and_samples_in_diffusers(name: str, t
     metrics = json.loads((out / "metrics.json").read_text())  # a quality figure without any data
     assert np.isfinite(metrics["teacher_fd"]) and metrics["teacher_fd_floor"] < metrics["teacher_fd_ceiling"]
     card = json.loads((out / "config.json").read_text())
-    learned = scheduler["variance_type"].startswith("learned")
+    variance = scheduler.get("variance_type", "fixed_small")  # a DDIMScheduler has none: DDPM's default
+    learned = variance.startswith("learned")
     assert card["diffusion"]["prediction_type"] == "epsilon"
     assert card["info"]["objective"] == ("dkdm" if learned else "simple")
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -115,7 +134,7 @@ def test_diffusers_teacher_distils_exports_and_samples_in_diffusers(name: str, t
 
     run_dkdm("export", "--model", str(out), "--out", str(tmp_path / "exported"))
     pipe = DDPMPipeline.from_pretrained(str(tmp_path / "exported"), local_files_only=True)
-    expected_variance = "learned_range" if learned else scheduler["variance_type"]
+    expected_variance = "learned_range" if learned else variance
     assert pipe.scheduler.config.variance_type == expected_variance
     assert pipe.scheduler.config.prediction_type == "epsilon"
     assert pipe.scheduler.config.num_train_timesteps == scheduler.get("num_train_timesteps", 1000)
