@@ -83,6 +83,7 @@ def student_spec(args: argparse.Namespace, slug: str, teacher: Path, overrides: 
     }
     data["optim"] = {**data["optim"], "ema_decay": args.ema_decay}
     if args.quick:
+        data["run"]["quality_samples"] = 16
         data["pool"] = {**data["pool"], "chain_steps": 10}
     for dotted, value in overrides.items():
         section, _, leaf = dotted.rpartition(".")

@@ -68,6 +68,7 @@ def make_spec(args: argparse.Namespace, name: str, overrides: dict[str, Any], se
     data["optim"] = {**data["optim"], "ema_decay": args.ema_decay}
     data["baseline"] = {"synthetic_path": str(args.out / "synthetic.npy")}
     if args.quick:
+        data["run"]["quality_samples"] = 16
         data["pool"] = {**data["pool"], "chain_steps": 10}
         data["baseline"].update(synthetic_size=64, synthetic_steps=5)
     for dotted, value in overrides.items():

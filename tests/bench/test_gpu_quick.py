@@ -32,5 +32,5 @@ def test_gpu_bench_quick_mode_compares_a_ray_row_with_its_local_row(tmp_path: Pa
     local, ray = rows
     assert local["teacher_ms"] > 0 and local["student_ms"] > 0 and local["flops_per_step"] > 0
     assert ray["ship_dtype"] == "bf16" and ray["teacher_replicas"] == 1 and ray["samples_per_s"] > 0
-    assert ray["pipeline_efficiency"] > 0 and ray["speedup_vs_local"] > 0
+    assert ray["pipeline_efficiency"] > 0 and ray["speedup_vs_local"] > 0 and ray["pipeline_efficiency_same_share"] > 0
     assert ray["slower_side"] in ("teacher", "student") and 0 <= ray["student_idle_fraction"] <= 1
