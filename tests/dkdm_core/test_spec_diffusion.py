@@ -66,16 +66,25 @@ def test_scheduler_config_round_trips(spec: DiffusionSpec) -> None:
     ("config", "needle"),
     [
         ({"beta_schedule": "sigmoid"}, "beta_schedule 'sigmoid'"),
+        ({"beta_schedule": "laplace"}, "beta_schedule 'laplace'"),
         ({"variance_type": "fixed_large_log"}, "variance_type 'fixed_large_log'"),
         ({"prediction_type": "flow"}, "prediction_type 'flow'"),
         ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr True"),
         ({"_class_name": "PNDMScheduler"}, "_class_name 'PNDMScheduler'"),
+        ({"_class_name": "EulerDiscreteScheduler"}, "_class_name 'EulerDiscreteScheduler'"),
     ],
 )
 def test_unsupported_scheduler_configs_name_the_key(config: dict, needle: str) -> None:
     with pytest.raises(CheckpointError, match="not supported") as info:
         diffusion_from_scheduler(config, "scheduler_config.json")
     assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_fixed_small_log_reads_as_fixed_small() -> None:
+    """diffusers' fixed_small_log is the same σ² = β̃ computed through a log."""
+    read = diffusion_from_scheduler({"variance_type": "fixed_small_log"}, "scheduler_config.json")
+    assert read == diffusion_from_scheduler({"variance_type": "fixed_small"}, "scheduler_config.json")
+    assert read.variance_type == "fixed_small"
 
 
 def test_teacher_training_spec_checks_the_variance_before_training() -> None:

@@ -158,6 +158,26 @@ def test_unsupported_scheduler_keys_are_named(tmp_path: Path) -> None:
     assert line.startswith("dkdm: error:") and "beta_schedule 'sigmoid' is not supported" in line, line
 
 
+def test_label_embeddings_other_than_a_class_table_are_named(tmp_path: Path) -> None:
+    """A UNet2DModel conditioned through ``class_embed_type`` (timestep, identity, projection embeddings)."""
+    unet = UNet2DModel(
+        sample_size=16,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        class_embed_type="timestep",
+    )
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(str(tmp_path / "t"), safe_serialization=True)
+    proc = run_dkdm("distill", "--set", f"teacher={tmp_path / 't'}", "--out", str(tmp_path / "o"), check=False)
+    line = proc.stderr.strip()
+    assert proc.returncode == 2 and line.startswith("dkdm: error:") and "\n" not in line, proc.stderr
+    assert "class_embed_type 'timestep' is not supported" in line
+
+
 # Latent pipelines: name -> (builder, latent channels, objective auto resolves to, sample args).
 LATENT_TEACHERS: dict[str, tuple[Any, int, str, list[str]]] = {
     "ldm": (save_ldm, 3, "simple", []),  # VQModel + UNet2DModel + DDIM (fixed β̃ variance)
