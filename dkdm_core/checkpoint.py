@@ -351,16 +351,22 @@ def export_diffusers(model: nn.Module, card: ModelCard, directory: str | Path) -
     ``DDPMPipeline`` itself passes no labels: call the UNet with ``class_labels`` to sample by class.
     """
     with DIFFUSERS:
-        from diffusers import DDPMPipeline, DDPMScheduler, LDMPipeline
+        from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, LDMPipeline
 
     from dkdm_core.latent import autoencoder_class, load_autoencoder
 
     if not isinstance(model, UNet):
         raise CheckpointError(f"only UNet models export to diffusers format, not {card.arch}")
-    scheduler = DDPMScheduler(**scheduler_config(card.diffusion, card.learn_sigma))
+    config = scheduler_config(card.diffusion, card.learn_sigma)
+    scheduler: DDPMScheduler | DDIMScheduler = DDPMScheduler(**config)
     out = Path(directory)
     if card.autoencoder is not None and autoencoder_class(card.autoencoder) == "VQModel":
         vqvae = load_autoencoder(card.autoencoder)
+        if not card.learn_sigma:
+            # LDMPipeline samples with DDIM (η = 0 by default), as the LDM teachers it comes from: the
+            # same β's make the same x̂_0, and a pipeline that draws exactly what `dkdm sample --sampler
+            # ddim` draws. A learned variance needs DDPM's step, which reads it.
+            scheduler = DDIMScheduler(**{k: v for k, v in config.items() if k != "variance_type"})
         ldm = LDMPipeline(vqvae=vqvae, unet=model.net, scheduler=scheduler)
         ldm.save_pretrained(str(out), safe_serialization=True)  # type: ignore[attr-defined]
     else:

@@ -228,8 +228,13 @@ def test_latent_pipeline_teacher_distils_in_latent_space_and_samples_decoded_ima
     run_dkdm("export", "--model", str(out), "--out", str(tmp_path / "exported"))
     if name == "ldm":  # a VQ-latent UNet student is an LDMPipeline again
         pipe = LDMPipeline.from_pretrained(str(tmp_path / "exported"), local_files_only=True)
-        drawn = pipe(batch_size=2, num_inference_steps=3, output_type="np").images
+        generator = torch.Generator().manual_seed(3)
+        drawn = pipe(batch_size=2, num_inference_steps=3, generator=generator, output_type="np").images
         assert drawn.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3) and np.isfinite(drawn).all()
+        # The pipeline's own images (DDIM, η = 0), as dkdm draws them from the student it exported.
+        student, student_card = load_model(out)
+        ours = draw(student, student_card, 2, seed=3, steps=3, sampler="ddim")
+        np.testing.assert_allclose((ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), drawn, atol=1e-4)
     model, loaded = load_model(tmp_path / "exported")
     assert loaded.autoencoder is not None and loaded.classes == load_model(out)[1].classes
     assert draw(model, loaded, 2, seed=0, steps=3).shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
