@@ -42,6 +42,7 @@ def test_o2mkd_trains_students_by_interval_and_samples_through_the_router(tiny_t
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert all(k in logs[-1] for k in ("mse_s0", "mse_s1", "mse_s2"))
     assert "digits_fd" in metrics and metrics["steps"] == 12
+    assert metrics["teacher_fd_floor"] < metrics["teacher_fd_ceiling"] and np.isfinite(metrics["teacher_fd"])
     assert sample(out, tmp_path / "s.npz").shape == (6, 8, 8, 1)
     # Resuming continues the three students from their checkpoint.
     distill(tiny_teacher, out, 20, *O2MKD)
@@ -55,6 +56,7 @@ def test_boot_student_samples_in_one_call(tiny_teacher: Path, tmp_path: Path) ->
     card = json.loads((out / "config.json").read_text())
     assert card["generator"] == "one-step" and card["learn_sigma"] is False
     assert metrics["sample_steps"] == 1 and metrics["teacher_calls"] == 12 * 16
+    assert metrics["teacher_fd_floor"] < metrics["teacher_fd_ceiling"] and np.isfinite(metrics["teacher_fd"])
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if "loss" in line]
     assert all({"boundary", "bootstrap"} <= r.keys() for r in logs)
     images = sample(out, tmp_path / "s.npz")

@@ -125,9 +125,14 @@ def run(head: RayHead, redis_url: str, teacher: Path, tmp: Path) -> None:
             assert done["state"] == "SUCCEEDED", done
             assert done["step"] == 20 and done["progress"] == 1.0 and done["checkpoints"]
             assert done["counters"]["batches_consumed"] == 20
+            assert done["metrics"]["teacher_fd_floor"] < done["metrics"]["teacher_fd_ceiling"]  # the quality figure
             assert f"job-{job_id}" in requests.get(f"{api}/models").json()
             # Prometheus scraped the job's progress from the control plane.
             query = f'dkdm_job_progress_ratio{{job_id="{job_id}"}}'
+
+            figure = f'dkdm_job_teacher_fd{{figure="fd",job_id="{job_id}"}}'
+            exported = requests.get(f"{api}/metrics").text
+            assert figure in exported, "|".join(line for line in exported.splitlines() if "teacher_fd" in line)
 
             def scraped() -> list[dict[str, Any]]:
                 result = requests.get(f"{prom}/api/v1/query", params={"query": query}).json()["data"]["result"]
