@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -26,6 +27,21 @@ LATENT_SIZE = 8
 DIT_CLASSES = {0: "cat", 1: "dog", 2: "fish"}
 
 
+def tiny_unet(size: int, channels: int, out_channels: int | None = None, **extra: Any) -> UNet2DModel:
+    """The tests' diffusers UNet2DModel: two 16/32-channel levels, one layer each."""
+    return UNet2DModel(
+        sample_size=size,
+        in_channels=channels,
+        out_channels=out_channels or channels,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        **extra,
+    )
+
+
 def _blocks() -> dict[str, object]:
     return {
         "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -41,16 +57,7 @@ def save_ldm(root: Path, seed: int = 0) -> Path:
     """An LDMPipeline folder: vqvae/ (VQModel, 3 latent channels), unet/, scheduler/ (DDIM)."""
     torch.manual_seed(seed)
     vqvae = VQModel(in_channels=3, out_channels=3, latent_channels=3, num_vq_embeddings=32, **_blocks())  # type: ignore[arg-type]
-    unet = UNet2DModel(
-        sample_size=LATENT_SIZE,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
+    unet = tiny_unet(LATENT_SIZE, 3)
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, clip_sample=False)
     LDMPipeline(vqvae=vqvae, unet=unet, scheduler=scheduler).save_pretrained(str(root), safe_serialization=True)
     return root

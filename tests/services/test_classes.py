@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler
 
 from dkdm_core.checkpoint import load_model
 from dkdm_core.data import from_uint8_nhwc
 from dkdm_core.sampling import draw
 from services.evaluation import load_classifier
 from tests.conftest import ROOT, run_dkdm
+from tests.latent_pipelines import tiny_unet
 
 COND_TEACHER = ROOT / "dkdm_core" / "assets" / "teachers" / "digits-cond"
 
@@ -58,17 +59,7 @@ def test_class_options_on_an_unconditional_model_are_one_clear_error(tiny_teache
 def save_conditional_teacher(root: Path) -> Path:
     """A tiny random-weight diffusers UNet2DModel with 4 class embeddings, saved by diffusers."""
     torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        num_class_embeds=4,
-    )
+    unet = tiny_unet(8, 1, num_class_embeds=4)
     scheduler = DDPMScheduler(num_train_timesteps=200, beta_schedule="linear", variance_type="fixed_small")
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(root), safe_serialization=True)
     return root

@@ -19,14 +19,13 @@ from diffusers import (
     DDPMScheduler,
     DiffusionPipeline,
     LDMPipeline,
-    UNet2DModel,
 )
 
 from dkdm_core.checkpoint import load_model
 from dkdm_core.diffusion import sample_loop, space_timesteps
 from dkdm_core.sampling import draw
 from tests.conftest import run_dkdm
-from tests.latent_pipelines import IMAGE_SIZE, LATENT_SIZE, save_dit, save_ldm
+from tests.latent_pipelines import IMAGE_SIZE, LATENT_SIZE, save_dit, save_ldm, tiny_unet
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -70,16 +69,7 @@ DDIM_TEACHERS = frozenset({"ddim-cifar10"})  # saved as a DDIMPipeline with a DD
 def save_teacher(root: Path, channels: int, size: int, scheduler: dict[str, Any], ddim: bool = False) -> Path:
     torch.manual_seed(0)
     learned = scheduler.get("variance_type", "").startswith("learned")
-    unet = UNet2DModel(
-        sample_size=size,
-        in_channels=channels,
-        out_channels=channels * (2 if learned else 1),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
+    unet = tiny_unet(size, channels, channels * (2 if learned else 1))
     if scheduler.get("variance_type") == "learned":
         # diffusers reads a "learned" output as σ² and takes its square root: keep it positive.
         with torch.no_grad():
@@ -160,17 +150,7 @@ def test_unsupported_scheduler_keys_are_named(tmp_path: Path) -> None:
 
 def test_label_embeddings_other_than_a_class_table_are_named(tmp_path: Path) -> None:
     """A UNet2DModel conditioned through ``class_embed_type`` (timestep, identity, projection embeddings)."""
-    unet = UNet2DModel(
-        sample_size=16,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        class_embed_type="timestep",
-    )
+    unet = tiny_unet(16, 1, class_embed_type="timestep")
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(str(tmp_path / "t"), safe_serialization=True)
     proc = run_dkdm("distill", "--set", f"teacher={tmp_path / 't'}", "--out", str(tmp_path / "o"), check=False)
     line = proc.stderr.strip()
