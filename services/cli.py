@@ -496,7 +496,11 @@ def cmd_jobs_sample(args: argparse.Namespace) -> None:
         raise UsageError("--num must be at least 1")
     if not args.out.endswith(".npz"):
         raise UsageError("--out must name a .npz file")
-    arr = _client().sample(args.model, args.num, args.steps, args.sampler, args.seed)
+    labels = None if args.class_label is None else [args.class_label]
+    guidance = args.guidance_scale
+    arr = _client().sample(
+        args.model, args.num, args.steps, args.sampler, args.seed, class_labels=labels, guidance_scale=guidance
+    )
     if args.grid and arr.ndim != 4:
         raise UsageError("--grid needs image samples")
     out = Path(args.out)
@@ -549,6 +553,8 @@ def _add_jobs(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     p.add_argument("--sampler", choices=["iddpm", "ddim"], default="iddpm", help="default: iddpm")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class", dest="class_label", type=int, help="class-conditional students: every sample's class")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale w (default: the card's)")
     p.set_defaults(func=cmd_jobs_sample)
 
 

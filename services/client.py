@@ -181,14 +181,28 @@ class Client:
     # Sampling -------------------------------------------------------------------------------------
 
     def sample(
-        self, model: str, num: int, steps: int = 50, sampler: str = "iddpm", seed: int = 0, retries: int = 3
+        self,
+        model: str,
+        num: int,
+        steps: int = 50,
+        sampler: str = "iddpm",
+        seed: int = 0,
+        retries: int = 3,
+        class_labels: list[int] | None = None,
+        guidance_scale: float | None = None,
     ) -> np.ndarray:
         """``num`` samples of a registered student: uint8 NHWC images, or float arrays for 2-D toys.
+        A class-conditional student takes ``class_labels`` (one for all samples, or one each; default:
+        every class in turn) and ``guidance_scale`` (default: its card's).
 
         A 503 with ``Retry-After`` (every sampler replica busy) is retried ``retries`` times after the
         wait the service asks for; any other error is raised at once."""
         url = f"{self.sample_url.rstrip('/')}/v1/models/{_part(model)}/samples"
-        body = {"num": num, "steps": steps, "sampler": sampler, "seed": seed, "format": "npz"}
+        body: dict[str, Any] = {"num": num, "steps": steps, "sampler": sampler, "seed": seed, "format": "npz"}
+        if class_labels is not None:
+            body["class_labels"] = class_labels
+        if guidance_scale is not None:
+            body["guidance_scale"] = guidance_scale
         attempt = 0
         while True:
             try:

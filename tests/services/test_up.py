@@ -142,8 +142,10 @@ def test_up_runs_a_job_samples_it_and_keeps_it_across_a_restart(tiny_teacher: Pa
     # Beside another Ray on the machine, as in a full run of the suite (its session head): a job's driver
     # must join `dkdm up`'s own cluster. Ray's job supervisor once picked the other one, and the job
     # failed with "PoolShard ... all references to the actor were removed ... never ran".
-    with ray_head(num_cpus=1, auth=False):
+    with ray_head(num_cpus=1, auth=False) as other:
         _up_runs_a_job_samples_it_and_keeps_it(tiny_teacher, tmp_path)
+        # Two Ctrl-C's of `dkdm up` stopped what it started and nothing else: the other head still answers.
+        assert requests.get(f"{other.dashboard}/api/version", timeout=30).status_code == 200
 
 
 def _up_runs_a_job_samples_it_and_keeps_it(tiny_teacher: Path, tmp_path: Path) -> None:

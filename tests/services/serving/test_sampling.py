@@ -15,6 +15,7 @@ import requests
 
 from dkdm_core.checkpoint import count_parameters
 from services.jobs.store import ModelRegistry
+from tests.conftest import run_dkdm
 from tests.services.conftest import BIN, ROOT, cluster_env, free_port, ray_head, redis_server
 from tests.services.control_plane.conftest import TOKEN
 
@@ -123,7 +124,7 @@ def test_requests_beyond_the_bound_get_503_with_retry_after(sampling: tuple[str,
     assert {code for code, _ in statuses} == {200, 503}, statuses
 
 
-def test_sampling_by_class_with_guidance_and_class_fields_checked(sampling: tuple[str, int]) -> None:
+def test_sampling_by_class_with_guidance_and_class_fields_checked(sampling: tuple[str, int], tmp_path: Path) -> None:
     import numpy as np
     import torch
 
@@ -137,6 +138,17 @@ def test_sampling_by_class_with_guidance_and_class_fields_checked(sampling: tupl
     images = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     with torch.no_grad():
         assert (load_classifier()(images).argmax(1) == 4).float().mean() >= 0.75
+    # The same through the REST client: `dkdm jobs sample --class 7 --guidance-scale 2`.
+    out = tmp_path / "sevens.npz"
+    env = {"DKDM_SAMPLE_URL": sampling[0], "DKDM_API_TOKEN": TOKEN}
+    args = ["jobs", "sample", "digits-cond", "--num", "8", "--steps", "20", "--out", str(out)]
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        run_dkdm(*args, "--class", "7", "--guidance-scale", "2")
+    sevens = torch.from_numpy(np.load(out)["arr_0"]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with torch.no_grad():
+        assert (load_classifier()(sevens).argmax(1) == 7).float().mean() >= 0.75
     r = post(f"{base}/digits-cond/samples", {"num": 2, "class_labels": [1, 2, 3]}, AUTH)
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "class_labels"]
     r = post(f"{base}/tiny/samples", {"num": 2, "guidance_scale": 3.0}, AUTH)
