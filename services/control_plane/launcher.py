@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 ENTRYPOINT = "python -m services.engine --job-id {job_id} --quiet"
 CLUSTER_INFO_TTL_S = 10.0  # the cluster's totals, asked at most this often
+SUBMIT_WAIT_S = 60.0  # how long a submission waits for the head's job agent to come up
 UNKNOWN = "UNKNOWN"  # the status of a submission the cluster answers it never heard of
 
 
@@ -39,11 +40,22 @@ class RayLauncher:
         return self._client
 
     def submit(self, job_id: str, submission: str) -> str:
-        return self.client.submit_job(
-            entrypoint=ENTRYPOINT.format(job_id=job_id),
-            submission_id=submission,
-            runtime_env={"env_vars": self.env},
-        )
+        """Submit one run; while the head's job agent is still coming up (Ray answers "No available
+        agent to submit job, please try again later", seen right after a head starts on a loaded
+        machine), try again for up to ``SUBMIT_WAIT_S``."""
+        deadline = time.monotonic() + SUBMIT_WAIT_S
+        while True:
+            try:
+                return self.client.submit_job(
+                    entrypoint=ENTRYPOINT.format(job_id=job_id),
+                    submission_id=submission,
+                    runtime_env={"env_vars": self.env},
+                )
+            except RuntimeError as exc:
+                if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                log.info("Ray's job agent is not up yet; submitting %s again", submission)
+                time.sleep(1.0)
 
     def status(self, submission: str) -> tuple[str, str] | None:
         """Ray's view of a submission: (status, message); ``(UNKNOWN, ...)`` when the cluster answered

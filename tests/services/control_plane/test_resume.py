@@ -27,7 +27,10 @@ from tests.services.engine.test_ray_engine import logged, registered
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 STEPS = 40
-RAY_SINGLETONS = frozenset({"_AutoscalingCoordinatorActor"})
+# Ray Train's own detached actors, not the job's: the cluster-wide autoscaling coordinator, and the
+# cleaner that removes a run's placement group once its controller is gone and then exits by itself
+# (on a loaded machine its state-API checks can take minutes).
+RAY_SINGLETONS = frozenset({"_AutoscalingCoordinatorActor", "PlacementGroupCleaner"})
 
 
 def job_body(teacher: Path, **ray: Any) -> dict[str, Any]:
@@ -98,8 +101,7 @@ def run(api: str, dashboard: str, redis_url: str, teacher: Path, tmp: Path) -> N
         while Ray lists none of them yet."""
         actors = list_actors(address=dashboard, limit=10_000)
         mine = [a for a in actors if a.job_id == ray_job or (a.name or "").startswith(f"dkdm-{job_id}-")]
-        # Ray Train's autoscaling coordinator is a detached, cluster-wide singleton that the first Train
-        # run starts and every later one shares: Ray's, not the job's.
+        # Ray Train's detached helpers (RAY_SINGLETONS) are Ray's, not the job's.
         mine = [a for a in mine if a.class_name not in RAY_SINGLETONS]
         return [f"{a.class_name} {a.name}" for a in mine if a.state != "DEAD"] if mine else None
 

@@ -229,13 +229,16 @@ def test_dkdm_distill_engine_ray_starts_and_stops_its_own_redis(
     import subprocess
 
     monkeypatch.delenv("DKDM_REDIS_URL", raising=False)
-    before = subprocess.run(["pgrep", "-c", "redis-server"], capture_output=True, text=True).stdout.strip()
+    # This process's own redis-servers (the command runs in it): other test sessions on the machine
+    # start and stop theirs meanwhile.
+    mine = ["pgrep", "-c", "-P", str(os.getpid()), "-x", "redis-server"]
+    before = subprocess.run(mine, capture_output=True, text=True).stdout.strip()
     spec = engine_spec(tiny_teacher, tmp_path / "out", steps=5, run__checkpoint_every=5)
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(spec.model_dump()))
     proc = run_dkdm("distill", "--config", str(config), "--quiet")
     assert "distillation finished: 5 steps" in proc.stdout
-    after = subprocess.run(["pgrep", "-c", "redis-server"], capture_output=True, text=True).stdout.strip()
+    after = subprocess.run(mine, capture_output=True, text=True).stdout.strip()
     assert after == before  # the private redis-server is gone again
 
 
