@@ -30,8 +30,8 @@ class RayLauncher:
         self.address = address
         self.env = env
         self._client: JobSubmissionClient | None = None
-        self._totals: tuple[float, dict[str, float] | None] = (0.0, None)
-        self._largest_node = 0.0  # memory + object store of the largest alive node, with the totals
+        # (when asked, the alive nodes' totals, the largest node's memory + object store), kept a while
+        self._cluster: tuple[float, dict[str, float] | None, int] = (0.0, None, 0)
 
     @property
     def client(self) -> JobSubmissionClient:
@@ -86,7 +86,7 @@ class RayLauncher:
     def cluster_totals(self) -> dict[str, float] | None:
         """The alive nodes' resources in all (CPU, GPU, memory, object_store_memory), or None when Ray
         does not answer (asked again next time); kept for a few seconds, so a burst of requests asks Ray once."""
-        asked, totals = self._totals
+        asked, totals, _ = self._cluster
         if totals is not None and time.monotonic() - asked < CLUSTER_INFO_TTL_S:
             return totals
         try:
@@ -98,7 +98,7 @@ class RayLauncher:
             return None
         if not nodes:  # a head still registering its node: no opinion yet (not kept)
             return None
-        totals: dict[str, float] = {}
+        totals = {}
         largest = 0.0
         for node in nodes:
             resources = node.resources_total or {}
@@ -107,9 +107,10 @@ class RayLauncher:
             largest = max(
                 largest, float(resources.get("memory", 0.0)) + float(resources.get("object_store_memory", 0.0))
             )
-        self._totals, self._largest_node = (time.monotonic(), totals), largest
+        self._cluster = (time.monotonic(), totals, int(largest))
         return totals
 
     def largest_node_bytes(self) -> int | None:
         """Memory and object store of the largest alive node (as of the last ``cluster_totals``), if known."""
-        return int(self._largest_node) if self._totals[1] is not None and self._largest_node > 0 else None
+        _, totals, largest = self._cluster
+        return largest if totals is not None and largest > 0 else None
