@@ -148,8 +148,10 @@ def _ray(options: UpOptions, stack: contextlib.ExitStack) -> str:
     temp = tempfile.mkdtemp(prefix="dkdm-up-", dir="/tmp")
     stack.callback(shutil.rmtree, temp, ignore_errors=True)
     port = _port(options.dashboard_port)
+    from services.engine.embedded import start_local_head
+
     try:
-        ray.init(
+        start_local_head(
             namespace="dkdm",
             num_cpus=options.num_cpus or max(4, os.cpu_count() or 1),
             include_dashboard=True,

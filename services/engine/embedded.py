@@ -8,6 +8,7 @@ is used. Otherwise the engine starts its own: ``ray.init()`` on this machine and
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import shutil
@@ -17,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import ray
 import redis
@@ -135,6 +137,32 @@ def redis_url() -> Iterator[str]:
         yield server.url
 
 
+def start_local_head(**init: Any) -> Any:
+    """``ray.init(**init)`` starting a new head on this machine, its dashboard agent on a free port.
+
+    ``ray.init()`` gives a head's dashboard agent Ray's fixed default port (52365) and has no argument
+    to change it. With two such heads on one machine (``dkdm up`` and a ``dkdm distill --engine ray``,
+    two test sessions), the second agent cannot bind the port and exits while the head runs on: that
+    head then answers every job submission "No available agent to submit job". Port 0 lets the agent
+    bind one the OS picks; it records the port it got for the dashboard, as Ray does for its other
+    agents. ``ray start`` takes ``--dashboard-agent-listen-port``; this is its ``ray.init`` counterpart,
+    in effect only for the duration of the call.
+    """
+    parameter: Any = importlib.import_module("ray._private.parameter")
+    fixed = parameter.RayParams
+
+    class FreeAgentPort(fixed):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("dashboard_agent_listen_port", 0)
+            super().__init__(*args, **kwargs)
+
+    parameter.RayParams = FreeAgentPort
+    try:
+        return ray.init(**init)
+    finally:
+        parameter.RayParams = fixed
+
+
 @contextlib.contextmanager
 def ray_cluster() -> Iterator[None]:
     """Connect to ``RAY_ADDRESS`` (or the cluster a ``ray job`` runs in), else start a local Ray.
@@ -149,7 +177,7 @@ def ray_cluster() -> Iterator[None]:
     else:
         # Workers run this interpreter, so they import the project the way the driver does. The
         # dashboard stays on: Ray Train's state queries and `ray job submit` go through it.
-        ray.init(namespace="dkdm", logging_level=logging.WARNING)
+        start_local_head(namespace="dkdm", logging_level=logging.WARNING)
     try:
         yield
     finally:

@@ -4,12 +4,14 @@ start any server process with its output kept.
 The suite runs on loaded machines, beside other test sessions. So every service writes its output to a
 log file that a failed start (or a test failing while it runs) shows; every port a Ray head would take
 by default is chosen here, from below the kernel's ephemeral range (outgoing connections never take
-those) and checked free, so two clusters on one machine cannot collide; and a start that still loses a
-port race is retried once with fresh ports.
+those), checked free and claimed machine-wide (a file per port that names the claiming process), so two
+sessions side by side never hand out the same port and their clusters cannot collide; and a start that
+still loses a port race to some other program is retried once with fresh ports.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import random
@@ -52,20 +54,69 @@ def _ephemeral_low() -> int:
 
 
 def bindable(port: int) -> bool:
+    """Nothing listens on ``port`` on any address (Ray's agents bind the node's IP, not loopback)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind(("", port))
         except OSError:
             return False
     return True
 
 
 _taken: set[int] = set()  # ports this session handed out: never handed out twice
+CLAIMS = Path(tempfile.gettempdir()) / "dkdm-test-ports"  # one file per port a live session holds
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim(port: int) -> bool:
+    """Claim ``port`` for this process on the whole machine; False if a live process holds it.
+
+    A claim is a file created exclusively. One whose process is gone is taken over by renaming it away
+    first: a rename succeeds for one session only, so two sessions never both take it over."""
+    CLAIMS.mkdir(exist_ok=True)
+    path = CLAIMS / str(port)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = int(path.read_text() or "0")
+            except (OSError, ValueError):
+                return False  # being written or taken over right now
+            if holder and _alive(holder):
+                return False
+            try:
+                path.rename(CLAIMS / f".stale-{port}-{os.getpid()}")
+            except OSError:
+                return False  # another session took it over first
+            (CLAIMS / f".stale-{port}-{os.getpid()}").unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+@atexit.register
+def _release_claims() -> None:
+    for port in _taken:
+        with contextlib.suppress(OSError):
+            if (CLAIMS / str(port)).read_text() == str(os.getpid()):
+                (CLAIMS / str(port)).unlink()
 
 
 def reserve_ports(n: int, contiguous: bool = False) -> list[int]:
     """``n`` free TCP ports (a run of consecutive ones with ``contiguous``) between 20000 and the
-    ephemeral range, picked at random so sessions side by side rarely even try the same ones."""
+    ephemeral range, picked at random and claimed machine-wide (``_claim``) before they are handed out."""
     low, high = 20000, _ephemeral_low() - 1
     for _ in range(1000):
         if contiguous:
@@ -73,8 +124,15 @@ def reserve_ports(n: int, contiguous: bool = False) -> list[int]:
             ports = list(range(start, start + n))
         else:
             ports = random.sample(range(low, high), n)
-        if not _taken.intersection(ports) and all(bindable(p) for p in ports):
-            _taken.update(ports)
+        if _taken.intersection(ports) or not all(bindable(p) for p in ports):
+            continue
+        claimed = []
+        for port in ports:
+            if not _claim(port):
+                break
+            claimed.append(port)
+        _taken.update(claimed)  # kept even when the set is incomplete: released at exit
+        if len(claimed) == n:
             return ports
     raise RuntimeError(f"no {n} free ports between {low} and {high}")
 
