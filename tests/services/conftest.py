@@ -106,12 +106,16 @@ def _claim(port: int) -> bool:
     return False
 
 
-@atexit.register
-def _release_claims() -> None:
-    for port in _taken:
+def release_ports(ports: list[int]) -> None:
+    """Give back ports this session claimed (their service has stopped): others may claim them now."""
+    for port in ports:
+        _taken.discard(port)
         with contextlib.suppress(OSError):
             if (CLAIMS / str(port)).read_text() == str(os.getpid()):
                 (CLAIMS / str(port)).unlink()
+
+
+atexit.register(lambda: release_ports(list(_taken)))
 
 
 def reserve_ports(n: int, contiguous: bool = False) -> list[int]:
@@ -131,9 +135,10 @@ def reserve_ports(n: int, contiguous: bool = False) -> list[int]:
             if not _claim(port):
                 break
             claimed.append(port)
-        _taken.update(claimed)  # kept even when the set is incomplete: released at exit
+        _taken.update(claimed)
         if len(claimed) == n:
             return ports
+        release_ports(claimed)  # another session holds one of them: keep none, or the range fragments
     raise RuntimeError(f"no {n} free ports between {low} and {high}")
 
 
@@ -281,9 +286,12 @@ RAY_PORT_FLAGS = (
 )
 
 
-def ray_head_args(num_cpus: int, temp: str) -> tuple[list[str], dict[str, int]]:
+def ray_head_args(num_cpus: int, temp: str, held: list[int]) -> tuple[list[str], dict[str, int]]:
+    """The ``ray start`` command of a head on ports claimed here; every claimed port is added to ``held``."""
     ports = dict(zip(RAY_PORT_FLAGS, reserve_ports(len(RAY_PORT_FLAGS)), strict=True))
+    held += ports.values()
     workers = reserve_ports(WORKER_PORTS, contiguous=True)
+    held += workers
     args = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", str(num_cpus), "--temp-dir", temp]
     args += ["--dashboard-host", "127.0.0.1"]
     args += [item for flag, port in ports.items() for item in (flag, str(port))]
@@ -297,12 +305,16 @@ def ray_head(num_cpus: int = 2, auth: bool = True) -> Iterator[RayHead]:
     With ``auth``, clients need RAY_AUTH_MODE=token (cluster_env) as on a real cluster."""
     temp = tempfile.mkdtemp(prefix="dkdm-rh-", dir="/tmp")  # short: Ray's socket paths have a length limit
     chosen: dict[str, int] = {}
+    held: list[int] = []  # the ports of every try, given back once the head has stopped
 
     def make_args() -> tuple[list[str], str]:
-        args, ports = ray_head_args(num_cpus, temp)
+        args, ports = ray_head_args(num_cpus, temp, held)
         chosen.update(ports)
         return args, f"http://127.0.0.1:{ports['--dashboard-port']}/api/version"
 
     env = cluster_env() if auth else cluster_env(RAY_AUTH_MODE="disabled")
-    with http_service("ray start --head", make_args, env):
-        yield RayHead(f"http://127.0.0.1:{chosen['--dashboard-port']}", f"127.0.0.1:{chosen['--port']}")
+    try:
+        with http_service("ray start --head", make_args, env):
+            yield RayHead(f"http://127.0.0.1:{chosen['--dashboard-port']}", f"127.0.0.1:{chosen['--port']}")
+    finally:
+        release_ports(held)
