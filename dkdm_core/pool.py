@@ -28,9 +28,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+
+from dkdm_core.wire import pack, unpack
 
 Strategy = Literal["iterative", "shuffled", "dynamic"]
 # How a shuffled/dynamic pool gets its spread of t: shuffle denoise (the paper) or trajectory taps.
@@ -55,6 +57,15 @@ class Lease:
     x_t: torch.Tensor  # (b, C, H, W)
     t: torch.Tensor  # (b,) long
     labels: torch.Tensor | None = None  # (b,) long; None for an unconditional pool
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled through numpy (``dkdm_core.wire``): a lease crosses a Ray call every teacher step."""
+        return _lease, (self.lease_id, *(pack(x) for x in (self.ids, self.x_t, self.t, self.labels)))
+
+
+def _lease(lease_id: int, *tensors: Any) -> Lease:
+    ids, x_t, t, labels = (unpack(x) for x in tensors)
+    return Lease(lease_id, ids, x_t, t, labels)  # type: ignore[arg-type]
 
 
 class StaleLeaseError(ValueError):

@@ -24,6 +24,7 @@ from dkdm_core.plan import JobPlan
 from dkdm_core.pool import Lease, NoisePool
 from dkdm_core.runtime import Runtime, resolve_runtime
 from dkdm_core.training import StudentBatch, Teacher
+from dkdm_core.wire import Packed
 from services.engine.loop import ReplicaLoop, blocking
 from services.jobs.store import JobStore
 
@@ -66,6 +67,10 @@ def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     ]
     torch.cuda.current_stream(cuda[0].device).synchronize()
     return out
+
+
+def _packed_put(put: Any) -> Any:
+    return lambda lease_id, x_prev: put(lease_id, Packed(x_prev))
 
 
 class TeacherReplica:
@@ -131,7 +136,8 @@ class TeacherReplica:
         loop = ReplicaLoop(
             replica=self,
             takes=[blocking(s.take) for s in shards],
-            puts=[blocking(s.put) for s in shards],
+            # x̂_{t-1} goes back wrapped, so it pickles through numpy as leases and batches do.
+            puts=[_packed_put(blocking(s.put)) for s in shards],
             offers=[blocking(q.put) for q in queues],
             batch_size=self.plan.rank_batch,
             attempt=attempt,

@@ -16,6 +16,7 @@ import torch
 
 from dkdm_core.plan import JobPlan
 from dkdm_core.pool import Lease, NoisePool, StaleLeaseError
+from dkdm_core.wire import Packed, tensor_of
 
 
 class PoolShard:
@@ -81,8 +82,9 @@ class PoolShard:
             return None
         return self.pool.take(batch_size, now=time.monotonic(), timeout=self.lease_timeout_s)
 
-    def put(self, lease_id: int, x_prev: torch.Tensor) -> bool:
+    def put(self, lease_id: int, x_prev: torch.Tensor | Packed) -> bool:
         """Advance a lease's samples; False if the lease had expired (the answer is dropped)."""
+        x_prev = tensor_of(x_prev)
         try:
             self.pool.put(lease_id, x_prev)
         except StaleLeaseError:
