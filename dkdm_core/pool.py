@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import torch
 
-from dkdm_core.wire import pack, unpack
+from dkdm_core.wire import pack, rebuild
 
 Strategy = Literal["iterative", "shuffled", "dynamic"]
 # How a shuffled/dynamic pool gets its spread of t: shuffle denoise (the paper) or trajectory taps.
@@ -60,12 +60,7 @@ class Lease:
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled through numpy (``dkdm_core.wire``): a lease crosses a Ray call every teacher step."""
-        return _lease, (self.lease_id, *(pack(x) for x in (self.ids, self.x_t, self.t, self.labels)))
-
-
-def _lease(lease_id: int, *tensors: Any) -> Lease:
-    ids, x_t, t, labels = (unpack(x) for x in tensors)
-    return Lease(lease_id, ids, x_t, t, labels)  # type: ignore[arg-type]
+        return rebuild, (Lease, *(pack(x) for x in (self.lease_id, self.ids, self.x_t, self.t, self.labels)))
 
 
 class StaleLeaseError(ValueError):

@@ -23,7 +23,7 @@ from dkdm_core.objective import LossTerms, ObjectiveMode, dkdm_loss, hybrid_loss
 from dkdm_core.pool import Lease, NoisePool, PoolInit
 from dkdm_core.runtime import CPU_FP32, FrozenTeacher, Runtime, compiled
 from dkdm_core.spec import OptimSpec
-from dkdm_core.wire import pack, unpack
+from dkdm_core.wire import pack, rebuild
 
 # A step's logs stay on the device as tensors (no host synchronisation); ``read_logs`` turns them
 # into numbers, once, on the steps that log.
@@ -325,12 +325,7 @@ class StudentBatch:
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled through numpy (``dkdm_core.wire``): a batch crosses two Ray calls on its way to a rank."""
-        return _student_batch, tuple(pack(x) for x in (self.x_t, self.t, self.teacher_output, self.labels))
-
-
-def _student_batch(*tensors: Any) -> StudentBatch:
-    x_t, t, teacher_output, labels = (unpack(x) for x in tensors)
-    return StudentBatch(x_t, t, teacher_output, labels)  # type: ignore[arg-type]
+        return rebuild, (StudentBatch, *(pack(x) for x in (self.x_t, self.t, self.teacher_output, self.labels)))
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ travels as its int16 bit pattern. A tensor off the CPU pickles as torch pickles 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -24,23 +24,35 @@ import torch
 _CARRIERS = {torch.bfloat16: torch.int16}
 
 
-def pack(x: torch.Tensor | None) -> Any:
-    """``x`` as something that pickles cheaply: (array, dtype) for a CPU tensor, else ``x`` itself."""
-    if x is None or x.device.type != "cpu":
+class Wired(NamedTuple):
+    """A CPU tensor as it travels: its values as a numpy array, and its torch dtype's name."""
+
+    array: np.ndarray
+    dtype: str
+
+
+def pack(x: Any) -> Any:
+    """A CPU tensor as ``Wired``; anything else (None, a number, a tensor off the CPU) as it is."""
+    if not isinstance(x, torch.Tensor) or x.device.type != "cpu":
         return x
     x = x.detach().contiguous()
     carrier = _CARRIERS.get(x.dtype)
-    return ((x.view(carrier) if carrier is not None else x).numpy(), str(x.dtype).removeprefix("torch."))
+    return Wired((x.view(carrier) if carrier is not None else x).numpy(), str(x.dtype).removeprefix("torch."))
 
 
-def unpack(packed: Any) -> torch.Tensor | None:
-    """The tensor ``pack`` described, in memory of its own if the buffer came read-only."""
-    if packed is None or isinstance(packed, torch.Tensor):
-        return packed
-    array, dtype_name = packed
-    tensor = torch.from_numpy(array if array.flags.writeable else np.array(array))
-    dtype = getattr(torch, dtype_name)
+def unpack(value: Any) -> Any:
+    """The tensor a ``Wired`` describes, in memory of its own if its buffer came read-only; anything
+    else as it is."""
+    if not isinstance(value, Wired):
+        return value
+    tensor = torch.from_numpy(value.array if value.array.flags.writeable else np.array(value.array))
+    dtype = getattr(torch, value.dtype)
     return tensor.view(dtype) if dtype in _CARRIERS else tensor
+
+
+def rebuild(cls: type, *fields: Any) -> Any:
+    """``cls(*fields)`` with packed fields unpacked: what a ``__reduce__`` through ``pack`` returns to."""
+    return cls(*(unpack(f) for f in fields))
 
 
 @dataclass(frozen=True)
@@ -50,11 +62,7 @@ class Packed:
     tensor: torch.Tensor
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _packed, (pack(self.tensor),)
-
-
-def _packed(packed: Any) -> Packed:
-    return Packed(unpack(packed))  # type: ignore[arg-type]
+        return rebuild, (Packed, pack(self.tensor))
 
 
 def tensor_of(x: torch.Tensor | Packed) -> torch.Tensor:
